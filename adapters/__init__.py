@@ -1,0 +1,1 @@
+"""Platform adapters shipped with chatforge; each is a plugin like any other."""

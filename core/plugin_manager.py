@@ -1,0 +1,295 @@
+"""Finding, loading and calling plugins, so that one broken plugin never takes the bot down.
+
+Plugins come from three places, all registered the same way:
+built-ins (the core commands, the skills in `chatforge.plugins`, the adapters),
+the `chatforge` entry-point group of installed distributions, and
+`plugins.<name>.module` in the config (an import path or a `.py` file).
+A plugin that fails to import, to validate its config, or inside a hook is
+logged by name, recorded for `chatforge plugins`, and skipped. With
+`strict=True` the same failure raises `PluginError` instead.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import importlib.util
+import logging
+import sys
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import pluggy
+from pydantic import BaseModel
+
+from . import hookspecs
+from .commands import Command, CommandRegistry
+from .config import ConfigIssue, PluginSection, Settings, validate_section
+
+log = logging.getLogger("chatforge.plugins")
+
+ENTRY_POINT_GROUP = "chatforge"
+
+# name -> module. Skills and adapters are listed here only because they ship
+# with chatforge; they use exactly the hooks a third-party plugin uses.
+BUILTIN_PLUGINS: dict[str, str] = {
+    "core": "chatforge.builtin_commands",
+    "console": "chatforge.adapters.console",
+}
+
+
+class PluginError(Exception):
+    """A plugin failure in strict mode."""
+
+
+@dataclass
+class PluginInfo:
+    """What `chatforge plugins` shows about one plugin."""
+
+    name: str
+    source: str
+    """"builtin", "entry point" or "config"."""
+    location: str
+    """Module path or file the plugin was loaded from."""
+    distribution: str | None = None
+    version: str | None = None
+    enabled: bool = True
+    errors: list[str] = field(default_factory=list)
+    hooks: list[str] = field(default_factory=list)
+    commands: list[str] = field(default_factory=list)
+    adapters: list[str] = field(default_factory=list)
+
+    @property
+    def loaded(self) -> bool:
+        return self.enabled and not self.errors
+
+
+@dataclass
+class PerPlugin:
+    """A hook argument whose value depends on the plugin being called (its config, its `register`)."""
+
+    value_for: Callable[[str], Any]
+
+
+class PluginHost:
+    """Owns the pluggy PluginManager and calls hooks one plugin at a time, catching failures."""
+
+    def __init__(self, settings: Settings, strict: bool = False) -> None:
+        self.settings = settings
+        self.strict = strict
+        self.pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
+        self.pm.add_hookspecs(hookspecs)
+        self.infos: dict[str, PluginInfo] = {}
+        self.configs: dict[str, Any] = {}
+        self.commands = CommandRegistry()
+        self.adapters: dict[str, type] = {}
+        self.adapter_configs: dict[str, Any] = {}
+
+    # ------------------------------------------------------------ loading
+
+    def load(self, builtins: dict[str, str] | None = None) -> list[ConfigIssue]:
+        """Load every plugin, validate plugin and adapter config; return the config issues found."""
+        sections = self.settings.plugins
+        for name, module in (BUILTIN_PLUGINS if builtins is None else builtins).items():
+            self._load(name, "builtin", module, lambda module=module: importlib.import_module(module))
+        for entry_point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+            dist = entry_point.dist
+            self._load(
+                entry_point.name, "entry point", entry_point.value, entry_point.load,
+                distribution=dist.name if dist else None, version=dist.version if dist else None,
+            )
+        for name, section in sections.items():
+            if section.module and name not in self.infos:
+                self._load(name, "config", section.module, lambda m=section.module, n=name: self._import_configured(n, m))
+        issues = self._validate_plugin_configs()
+        self._collect_adapters()
+        issues += self._validate_adapter_configs()
+        self._register_commands()
+        return issues
+
+    def _load(self, name: str, source: str, location: str, importer: Callable[[], Any], **meta: Any) -> None:
+        if name in self.infos:
+            self._fail(PluginInfo(name, source, location, **meta), "load",
+                       f"a plugin named {name!r} is already loaded from {self.infos[name].location}")
+            return
+        info = self.infos[name] = PluginInfo(name, source, location, **meta)
+        section = self.settings.plugins.get(name)
+        if section is not None and not section.enabled:
+            info.enabled = False
+            return
+        try:
+            plugin = importer()
+        except Exception as exc:  # noqa: BLE001 - any import failure is the plugin's
+            self._fail(info, "import", _describe(exc), exc)
+            return
+        try:
+            self.pm.register(plugin, name=name)
+            self.pm.check_pending()
+        except pluggy.PluginValidationError as exc:
+            if self.pm.is_registered(plugin):
+                self.pm.unregister(plugin)
+            self._fail(info, "registration", str(exc))
+            return
+        info.hooks = sorted(caller.name for caller in self.pm.get_hookcallers(plugin) or [])
+
+    def _import_configured(self, name: str, module: str) -> Any:
+        """Import `pkg.mod`, or a `.py` file (relative to the config file's folder)."""
+        if not module.endswith(".py") and "/" not in module:
+            return importlib.import_module(module)
+        path = self.settings.resolve_path(module)
+        if not path.is_file():
+            raise FileNotFoundError(f"no such plugin file: {path}")
+        module_name = f"chatforge_config_plugin_{name}"
+        spec = importlib.util.spec_from_file_location(module_name, path)
+        assert spec is not None and spec.loader is not None
+        loaded = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = loaded
+        try:
+            spec.loader.exec_module(loaded)
+        except BaseException:
+            sys.modules.pop(module_name, None)
+            raise
+        return loaded
+
+    def _validate_plugin_configs(self) -> list[ConfigIssue]:
+        issues: list[ConfigIssue] = []
+        for name, section in self.settings.plugins.items():
+            info = self.infos.get(name)
+            if info is None:
+                known = ", ".join(sorted(self.infos)) or "none"
+                issues.append(ConfigIssue(
+                    f"plugins.{name}",
+                    f'no plugin named "{name}" is installed (installed: {known}); '
+                    f"to load one from a file or module, add `module:`",
+                ))
+        for name, info in self.infos.items():
+            if not info.loaded:
+                continue
+            options = dict((self.settings.plugins.get(name) or PluginSection()).model_extra or {})
+            model = self.call_one(name, "chatforge_config_model")
+            if model is None:
+                for key in options:
+                    issues.append(ConfigIssue(f"plugins.{name}.{key}", f"unknown key (plugin {name!r} takes no options)"))
+                continue
+            if not (isinstance(model, type) and issubclass(model, BaseModel)):
+                self._fail(info, "chatforge_config_model", f"returned {model!r}, not a pydantic model class")
+                continue
+            config, found = validate_section(model, options, f"plugins.{name}", self.settings)
+            issues += found
+            self.configs[name] = config
+        return issues
+
+    def _collect_adapters(self) -> None:
+        def register_for(plugin: str) -> Callable[[type], None]:
+            def register(adapter_class: type) -> None:
+                name = getattr(adapter_class, "name", None)
+                if not isinstance(name, str) or not name:
+                    raise ValueError(f"adapter {adapter_class!r} has no `name`")
+                if name in self.adapters:
+                    raise ValueError(f"adapter {name!r} is already registered")
+                self.adapters[name] = adapter_class
+                self.infos[plugin].adapters.append(name)
+            return register
+
+        self.call("chatforge_register_adapters", register=PerPlugin(register_for))
+
+    def _validate_adapter_configs(self) -> list[ConfigIssue]:
+        issues: list[ConfigIssue] = []
+        for name, section in self.settings.adapters.items():
+            adapter = self.adapters.get(name)
+            if adapter is None:
+                known = ", ".join(sorted(self.adapters)) or "none"
+                issues.append(ConfigIssue(f"adapters.{name}", f'no adapter named "{name}" (available: {known})'))
+                continue
+        for name, adapter in self.adapters.items():
+            section = self.settings.adapters.get(name)
+            options = dict(section.model_extra or {}) if section else {}
+            model = getattr(adapter, "Config", None)
+            if model is None:
+                issues += [ConfigIssue(f"adapters.{name}.{key}", "unknown key") for key in options]
+                self.adapter_configs[name] = None
+                continue
+            config, found = validate_section(model, options, f"adapters.{name}", self.settings)
+            issues += found
+            self.adapter_configs[name] = config
+        return issues
+
+    def _register_commands(self) -> None:
+        def register_for(plugin: str) -> Callable[..., None]:
+            def register(name: str, handler: Callable[..., Any], help: str, usage: str = "") -> None:
+                self.commands.add(Command(name=name, handler=handler, help=help.strip(), plugin=plugin, usage=usage))
+                self.infos[plugin].commands.append(name)
+            return register
+
+        self.call("chatforge_register_commands", register=PerPlugin(register_for), config=PerPlugin(self.configs.get))
+
+    # ------------------------------------------------------------ calling
+
+    def implementations(self, hook_name: str) -> list[pluggy.HookImpl]:
+        """The hook's implementations in pluggy's call order (tryfirst first, then newest first)."""
+        caller = getattr(self.pm.hook, hook_name)
+        return [impl for impl in reversed(caller.get_hookimpls()) if not (impl.hookwrapper or impl.wrapper)]
+
+    def call(self, hook_name: str, **kwargs: Any) -> list[tuple[str, Any]]:
+        """Call every plugin's implementation; returns (plugin, result) for each that did not fail."""
+        results = []
+        for impl in self.implementations(hook_name):
+            ok, result = self._invoke(impl, hook_name, kwargs)
+            if ok and result is not None:
+                results.append((impl.plugin_name, result))
+        return results
+
+    def call_first(self, hook_name: str, **kwargs: Any) -> tuple[str | None, Any]:
+        """Call implementations until one returns something other than None."""
+        for impl in self.implementations(hook_name):
+            ok, result = self._invoke(impl, hook_name, kwargs)
+            if ok and result is not None:
+                return impl.plugin_name, result
+        return None, None
+
+    def call_one(self, plugin: str, hook_name: str, **kwargs: Any) -> Any:
+        """Call one plugin's implementation of a hook (None when it has none or it failed)."""
+        for impl in self.implementations(hook_name):
+            if impl.plugin_name == plugin:
+                return self._invoke(impl, hook_name, kwargs)[1]
+        return None
+
+    def _invoke(self, impl: pluggy.HookImpl, hook_name: str, kwargs: dict[str, Any]) -> tuple[bool, Any]:
+        args = []
+        for arg in impl.argnames:
+            value = kwargs.get(arg)
+            args.append(value.value_for(impl.plugin_name) if isinstance(value, PerPlugin) else value)
+        try:
+            return True, impl.function(*args)
+        except Exception as exc:  # noqa: BLE001 - isolating plugin faults is the point
+            self.report(impl.plugin_name, hook_name, exc)
+            return False, None
+
+    def report(self, plugin: str, where: str, exc: BaseException) -> None:
+        """Record and log a plugin's failure (or raise it in strict mode)."""
+        info = self.infos.get(plugin) or PluginInfo(plugin, "unknown", "?")
+        self._fail(info, where, _describe(exc), exc)
+
+    def _fail(self, info: PluginInfo, where: str, message: str, exc: BaseException | None = None) -> None:
+        info.errors.append(f"{where}: {message}")
+        log.error("plugin %r failed in %s: %s", info.name, where, message)
+        if exc is not None:
+            log.debug("traceback of plugin %r:\n%s", info.name, "".join(traceback.format_exception(exc)))
+        if self.strict:
+            raise PluginError(f"plugin {info.name!r} failed in {where}: {message}") from exc
+
+    @property
+    def failures(self) -> list[PluginInfo]:
+        return [info for info in self.infos.values() if info.errors]
+
+
+def _describe(exc: BaseException) -> str:
+    """`ValueError: bad thing (at plugin.py:12)` - short, with the plugin's own frame."""
+    location = ""
+    frames = traceback.extract_tb(exc.__traceback__)
+    if frames:
+        last = frames[-1]
+        location = f" (at {Path(last.filename).name}:{last.lineno})"
+    return f"{type(exc).__name__}: {exc}{location}"

@@ -1,0 +1,110 @@
+"""Turning a conversation into the token ids a model is given.
+
+Models with a chat template (instruction-tuned ones such as SmolLM2) get it.
+Plain language models such as GPT-2 get a transcript:
+
+    <system prompt>
+
+    User: hello
+    Bot: hi, how can I help?
+    User: <new message>
+    Bot:
+
+with "\nUser:" and "\nBot:" as stop sequences, so the model never writes the
+user's next line. Newlines inside a message are flattened in the transcript,
+so a message cannot fake a role line. History is cut, oldest turns first, to
+fit the context window and the history token budget.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from .memory import Turn
+
+USER_LABEL = "User"
+BOT_LABEL = "Bot"
+TRANSCRIPT_STOPS = [f"\n{USER_LABEL}:", f"\n{BOT_LABEL}:"]
+
+
+@dataclass
+class Prompt:
+    input_ids: list[int]
+    turns_used: int
+    """How many history turns fit."""
+
+
+class PromptBuilder:
+    def __init__(
+        self,
+        tokenizer: Any,
+        system_prompt: str,
+        context_window: int,
+        max_new_tokens: int,
+        history_tokens: int,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.system_prompt = system_prompt
+        self.uses_chat_template = bool(getattr(tokenizer, "chat_template", None))
+        self.prompt_budget = max(16, context_window - max_new_tokens)
+        self.history_tokens = history_tokens
+
+    @property
+    def stop_sequences(self) -> list[str]:
+        return [] if self.uses_chat_template else list(TRANSCRIPT_STOPS)
+
+    def build(self, history: Sequence[Turn], text: str) -> Prompt:
+        """The prompt for answering `text` after `history`, newest turns kept."""
+        bare = self._render([], text)
+        if len(bare) > self.prompt_budget:
+            return Prompt(self._render([], self._clip(text, len(bare) - self.prompt_budget)), 0)
+        turns = list(history)
+        while turns:
+            ids = self._render(turns, text)
+            if len(ids) <= self.prompt_budget and len(ids) - len(bare) <= self.history_tokens:
+                return Prompt(ids, len(turns))
+            turns = turns[1:]
+        return Prompt(bare, 0)
+
+    def instruction(self, text: str) -> list[int]:
+        """A one-off prompt with no history (skills use it: "summarize this: ...")."""
+        return self.build([], text).input_ids
+
+    def _clip(self, text: str, excess_tokens: int) -> str:
+        """Drop the start of an over-long message so the prompt fits, keeping its end."""
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        return self.tokenizer.decode(ids[excess_tokens + 8:])
+
+    def _render(self, turns: Sequence[Turn], text: str) -> list[int]:
+        if self.uses_chat_template:
+            return self._render_chat(turns, text)
+        lines = [self.system_prompt.strip(), ""] if self.system_prompt.strip() else []
+        for turn in turns:
+            lines.append(f"{USER_LABEL if turn.role == 'user' else BOT_LABEL}: {_one_line(turn.text)}")
+        lines.append(f"{USER_LABEL}: {_one_line(text)}")
+        lines.append(f"{BOT_LABEL}:")
+        return self.tokenizer.encode("\n".join(lines), add_special_tokens=False)
+
+    def _render_chat(self, turns: Sequence[Turn], text: str) -> list[int]:
+        messages = [{"role": turn.role, "content": turn.text} for turn in turns]
+        messages.append({"role": "user", "content": text})
+        if self.system_prompt.strip():
+            messages.insert(0, {"role": "system", "content": self.system_prompt.strip()})
+        try:
+            encoded = self.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=True, return_dict=True
+            )
+        except Exception:  # noqa: BLE001 - some templates refuse a system role
+            if messages[0]["role"] != "system":
+                raise
+            system = messages.pop(0)["content"]
+            messages[0] = {"role": messages[0]["role"], "content": f"{system}\n\n{messages[0]['content']}"}
+            encoded = self.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=True, return_dict=True
+            )
+        return list(encoded["input_ids"])
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())

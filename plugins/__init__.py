@@ -1,0 +1,1 @@
+"""Skills shipped with chatforge; each is a plugin like any other."""
