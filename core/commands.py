@@ -45,11 +45,11 @@ class CommandRegistry:
     commands: dict[str, Command] = field(default_factory=dict)
 
     def add(self, command: Command) -> None:
-        if not COMMAND_NAME.match(command.name):
+        if not COMMAND_NAME.fullmatch(command.name):
             raise ValueError(
                 f"invalid command name {command.name!r}: use 1-32 lowercase letters, digits or _"
             )
-        if not command.help or "\n" in command.help.strip():
+        if not command.help.strip() or "\n" in command.help.strip():
             raise ValueError(f"command {command.name!r} needs a one-line help text")
         owner = self.commands.get(command.name)
         if owner is not None:

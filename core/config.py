@@ -65,7 +65,7 @@ def _non_negative_number(value: Any) -> Any:
         number = float(value) if isinstance(value, str) else value
     except ValueError:
         number = None
-    if isinstance(number, bool) or not isinstance(number, (int, float)) or number < 0:
+    if isinstance(number, bool) or not isinstance(number, (int, float)) or not number >= 0:  # NaN too
         raise PydanticCustomError("non_negative_number", "must be a number of 0 or more")
     return number
 
@@ -109,7 +109,7 @@ class GeneratorConfig(StrictModel):
 
 class MemoryConfig(StrictModel):
     backend: Literal["sqlite", "memory"] = "sqlite"
-    path: str = "data/memory.sqlite3"
+    path: str = "~/.local/share/chatforge/memory.sqlite3"
     """SQLite file; a relative path is relative to the config file's folder."""
     scope: Literal["user", "chat"] = "user"
     """`user`: each person in a chat has their own memory; `chat`: the chat shares one."""
@@ -165,6 +165,10 @@ class Settings(StrictModel):
     @property
     def filename(self) -> str:
         return str(self.source) if self.source else "<defaults>"
+
+
+# Fields set by the loader, not read from YAML: a config file may not set them.
+_INTERNAL_KEYS = frozenset(name for name, info in Settings.model_fields.items() if info.exclude)
 
 
 # ---------------------------------------------------------------- loading
@@ -260,6 +264,7 @@ def _suggestion(loc: list[str], model: type[BaseModel]) -> str:
             fields = annotation.model_fields
         else:
             return ""
+    fields = {name: info for name, info in fields.items() if not info.exclude}
     close = difflib.get_close_matches(loc[-1], list(fields), n=1)
     return f' (did you mean "{close[0]}"?)' if close else f" (known keys: {', '.join(fields)})"
 
@@ -296,9 +301,20 @@ def load_settings(path: Path | None) -> Settings:
     if not isinstance(data, dict):
         raise ConfigError([ConfigIssue("", f"must be a mapping of sections, got {_describe(data)}")], filename)
 
-    lines = _line_numbers(text)
+    return load_settings_from_dict(data, path, _line_numbers(text))
+
+
+def load_settings_from_dict(
+    data: dict[str, Any], path: Path | None = None, lines: dict[str, int] | None = None
+) -> Settings:
+    """Validate config already parsed from YAML (or written as a dict in a test)."""
+    filename = str(path) if path else "<defaults>"
+    lines = lines or {}
     issues: list[ConfigIssue] = []
     data = _substitute_env(data, "", issues)
+    for key in [key for key in data if key in _INTERNAL_KEYS]:
+        issues.append(ConfigIssue(key, "unknown key" + _suggestion([key], Settings)))
+    data = {key: value for key, value in data.items() if key not in _INTERNAL_KEYS}
     settings = None
     try:
         settings = Settings.model_validate(data)

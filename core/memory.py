@@ -105,7 +105,11 @@ class SQLiteMemory:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA busy_timeout=5000")
-        self._migrate()
+        try:
+            self._migrate()
+        except BaseException:
+            self._db.close()  # don't leak the connection (and the open file) on a refused schema
+            raise
 
     @property
     def schema_version(self) -> int:

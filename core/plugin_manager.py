@@ -89,11 +89,16 @@ class PluginHost:
 
     # ------------------------------------------------------------ loading
 
-    def load(self, builtins: dict[str, str] | None = None) -> list[ConfigIssue]:
-        """Load every plugin, validate plugin and adapter config; return the config issues found."""
+    def load(self, extra_plugins: dict[str, Any] | None = None) -> list[ConfigIssue]:
+        """Load every plugin, validate plugin and adapter config; return the config issues found.
+
+        `extra_plugins` (name -> module or object) are registered too: the test kit uses it.
+        """
         sections = self.settings.plugins
-        for name, module in (BUILTIN_PLUGINS if builtins is None else builtins).items():
+        for name, module in BUILTIN_PLUGINS.items():
             self._load(name, "builtin", module, lambda module=module: importlib.import_module(module))
+        for name, plugin in (extra_plugins or {}).items():
+            self._load(name, "given", getattr(plugin, "__name__", repr(plugin)), lambda plugin=plugin: plugin)
         for entry_point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
             dist = entry_point.dist
             self._load(
@@ -219,11 +224,19 @@ class PluginHost:
     def _register_commands(self) -> None:
         def register_for(plugin: str) -> Callable[..., None]:
             def register(name: str, handler: Callable[..., Any], help: str, usage: str = "") -> None:
+                owner = self.commands.get(name)
+                if owner is not None:  # the plugin keeps its other commands
+                    self._fail(self.infos[plugin], "chatforge_register_commands",
+                               f"command /{name} is already registered by plugin {owner.plugin!r}")
+                    return
                 self.commands.add(Command(name=name, handler=handler, help=help.strip(), plugin=plugin, usage=usage))
                 self.infos[plugin].commands.append(name)
             return register
 
-        self.call("chatforge_register_commands", register=PerPlugin(register_for), config=PerPlugin(self.configs.get))
+        # In load order, so built-in commands keep their names whatever a later plugin registers.
+        kwargs = {"register": PerPlugin(register_for), "config": PerPlugin(self.configs.get)}
+        for impl in reversed(self.implementations("chatforge_register_commands")):
+            self._invoke(impl, "chatforge_register_commands", kwargs)
 
     # ------------------------------------------------------------ calling
 

@@ -1,0 +1,64 @@
+"""Shared fixtures: offline settings, a tiny GPT-2 built in the test, the embedded SmolLM2."""
+
+from __future__ import annotations
+
+import os
+
+# Before anything imports transformers or huggingface_hub: never touch the network.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+CORPUS = [
+    "hello there, how are you today?",
+    "I am fine, thank you. And you?",
+    "The capital of France is Paris.",
+    "User: what is the weather like?",
+    "Bot: it is sunny and warm.",
+    "chatforge is a chat bot framework written in Python.",
+    "Memory keeps each conversation separate.",
+] * 20
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """Small matmuls are far slower with two threads on a busy 2-core machine."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tmp_path_factory) -> Path:
+    """A two-layer GPT-2 with a byte-level BPE trained here, saved like a real model folder.
+
+    It is loaded through the same `from_pretrained` path as `gpt2` would be;
+    its weights are random, so tests check plumbing, not wording.
+    """
+    import torch
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
+
+    folder = tmp_path_factory.mktemp("tiny-gpt2")
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(CORPUS, vocab_size=400, min_frequency=1, special_tokens=["<|endoftext|>"])
+    tokenizer = GPT2TokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<|endoftext|>",
+                                  eos_token="<|endoftext|>", unk_token="<|endoftext|>")
+    tokenizer.model_max_length = 256
+    tokenizer.save_pretrained(folder)
+    torch.manual_seed(0)
+    eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=256, n_embd=32, n_layer=2, n_head=2,
+                        bos_token_id=eos, eos_token_id=eos)
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory) -> Path:
+    """Where converted models go during the test session (shared by every test)."""
+    return tmp_path_factory.mktemp("chatforge-cache")

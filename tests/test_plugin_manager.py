@@ -1,0 +1,193 @@
+"""Finding plugins (built-in, entry points, config files and modules) and isolating their faults."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from chatforge.config import ConfigError, load_settings
+from chatforge.plugin_manager import PluginError, PluginHost
+from chatforge.testing import make_bot
+
+GOOD_PLUGIN = '''
+from chatforge import hookimpl, PluginConfig
+
+class Config(PluginConfig):
+    greeting: str = "hello"
+    times: int = 1
+
+@hookimpl
+def chatforge_config_model():
+    return Config
+
+@hookimpl
+def chatforge_register_commands(register, config):
+    register("greet", lambda ctx: " ".join([config.greeting] * config.times), help="greet you")
+'''
+
+
+def write_config(folder: Path, text: str) -> Path:
+    path = folder / "config.yaml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def host_for(config: Path, strict: bool = False) -> tuple[PluginHost, list]:
+    host = PluginHost(load_settings(config), strict=strict)
+    return host, host.load()
+
+
+@pytest.fixture
+def installed_distribution(tmp_path, monkeypatch):
+    """A real distribution on sys.path, found by importlib.metadata through its entry point."""
+    site = tmp_path / "site"
+    (site / "cf_weather").mkdir(parents=True)
+    (site / "cf_weather" / "__init__.py").write_text(GOOD_PLUGIN.replace('"greet"', '"weather"'))
+    dist_info = site / "cf_weather-1.2.3.dist-info"
+    dist_info.mkdir()
+    (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: cf-weather\nVersion: 1.2.3\n")
+    (dist_info / "entry_points.txt").write_text("[chatforge]\nweather = cf_weather\n")
+    monkeypatch.syspath_prepend(str(site))
+    yield site
+    sys.modules.pop("cf_weather", None)
+
+
+def test_builtins_are_registered_through_the_hooks(tmp_path):
+    host, issues = host_for(write_config(tmp_path, "{}"))
+    assert issues == []
+    assert host.infos["core"].source == "builtin"
+    assert host.infos["core"].hooks == ["chatforge_register_commands"]
+    assert sorted(host.commands.commands) == ["help", "history", "reset"]
+    assert "console" in host.adapters
+
+
+def test_entry_point_plugin_is_found_with_its_distribution(tmp_path, installed_distribution):
+    host, issues = host_for(write_config(tmp_path, "plugins:\n  weather:\n    greeting: sun\n"))
+    assert issues == []
+    info = host.infos["weather"]
+    assert (info.source, info.distribution, info.version) == ("entry point", "cf-weather", "1.2.3")
+    assert info.commands == ["weather"]
+    assert host.configs["weather"].greeting == "sun"
+
+
+def test_plugin_from_a_py_file_listed_in_the_config(tmp_path):
+    (tmp_path / "greeter.py").write_text(GOOD_PLUGIN)
+    config = write_config(tmp_path, """
+        plugins:
+          greeter:
+            module: ./greeter.py
+            greeting: ahoy
+            times: 2
+    """)
+    host, issues = host_for(config)
+    assert issues == []
+    assert host.infos["greeter"].source == "config"
+    assert host.commands.get("greet").handler(None) == "ahoy ahoy"
+
+
+def test_plugin_from_an_import_path_listed_in_the_config(tmp_path, monkeypatch):
+    (tmp_path / "my_greeter.py").write_text(GOOD_PLUGIN)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    host, issues = host_for(write_config(tmp_path, "plugins:\n  greeter:\n    module: my_greeter\n"))
+    assert issues == [] and host.infos["greeter"].loaded
+    sys.modules.pop("my_greeter", None)
+
+
+def test_a_plugin_that_fails_to_import_is_reported_and_skipped(tmp_path, caplog):
+    (tmp_path / "broken.py").write_text("import this_package_does_not_exist\n")
+    config = write_config(tmp_path, "plugins:\n  broken:\n    module: broken.py\n")
+    with caplog.at_level(logging.ERROR):
+        host, issues = host_for(config)
+    assert issues == []
+    assert not host.infos["broken"].loaded
+    assert "ModuleNotFoundError" in host.infos["broken"].errors[0]
+    assert any("'broken'" in r.getMessage() and "import" in r.getMessage() for r in caplog.records)
+    assert host.infos["core"].loaded  # everything else still works
+
+
+def test_strict_mode_makes_a_plugin_failure_fatal(tmp_path):
+    (tmp_path / "broken.py").write_text("raise RuntimeError('bad plugin')\n")
+    config = write_config(tmp_path, "plugins:\n  broken:\n    module: broken.py\n")
+    with pytest.raises(PluginError, match="broken.*bad plugin"):
+        host_for(config, strict=True)
+
+
+def test_a_missing_plugin_file_is_a_load_error(tmp_path):
+    host, _ = host_for(write_config(tmp_path, "plugins:\n  ghost:\n    module: ./ghost.py\n"))
+    assert "no such plugin file" in host.infos["ghost"].errors[0]
+
+
+def test_a_hook_name_that_does_not_exist_is_rejected(tmp_path):
+    (tmp_path / "typo.py").write_text(
+        "from chatforge import hookimpl\n@hookimpl\ndef chatforge_register_comands(register):\n    pass\n")
+    host, _ = host_for(write_config(tmp_path, "plugins:\n  typo:\n    module: typo.py\n"))
+    assert "registration" in host.infos["typo"].errors[0]
+    assert "chatforge_register_comands" in host.infos["typo"].errors[0]
+
+
+def test_a_disabled_plugin_is_not_imported(tmp_path):
+    (tmp_path / "loud.py").write_text("raise RuntimeError('imported!')\n")
+    host, issues = host_for(write_config(tmp_path, "plugins:\n  loud:\n    module: loud.py\n    enabled: false\n"))
+    assert issues == []
+    assert host.infos["loud"].enabled is False and host.infos["loud"].errors == []
+
+
+def test_builtin_commands_can_be_disabled(tmp_path):
+    host, _ = host_for(write_config(tmp_path, "plugins:\n  core:\n    enabled: false\n"))
+    assert host.commands.get("help") is None
+
+
+def test_plugin_config_errors_name_the_yaml_path_and_line(tmp_path):
+    (tmp_path / "greeter.py").write_text(GOOD_PLUGIN)
+    config = write_config(tmp_path, """
+        plugins:
+          greeter:
+            module: greeter.py
+            times: many
+            colour: red
+    """)
+    host, issues = host_for(config)
+    messages = [issue.format("config.yaml") for issue in issues]
+    assert 'config.yaml:5: plugins.greeter.times: must be a valid integer, unable to parse string as an integer, got "many"' in messages
+    assert any(m.startswith("config.yaml:6: plugins.greeter.colour: unknown key") for m in messages)
+
+
+def test_an_unknown_plugin_section_is_an_error(tmp_path):
+    _, issues = host_for(write_config(tmp_path, "plugins:\n  nosuch:\n    enabled: true\n"))
+    assert len(issues) == 1 and issues[0].path == "plugins.nosuch"
+    assert 'no plugin named "nosuch"' in issues[0].message
+
+
+def test_options_for_a_plugin_without_a_schema_are_errors(tmp_path):
+    _, issues = host_for(write_config(tmp_path, "plugins:\n  core:\n    verbose: true\n"))
+    assert [issue.path for issue in issues] == ["plugins.core.verbose"]
+
+
+def test_adapter_sections_are_validated_by_the_adapter(tmp_path):
+    _, issues = host_for(write_config(tmp_path, "adapters:\n  console:\n    stream: sometimes\n  irc:\n    enabled: true\n"))
+    paths = sorted(issue.path for issue in issues)
+    assert paths == ["adapters.console.stream", "adapters.irc"]
+
+
+def test_two_plugins_cannot_claim_one_command_name(caplog):
+    import types
+
+    from chatforge import hookimpl
+
+    @hookimpl
+    def chatforge_register_commands(register):
+        register("help", lambda ctx: "mine", help="steal help")
+
+    with caplog.at_level(logging.ERROR):
+        bot = make_bot(plugins={"thief": types.SimpleNamespace(chatforge_register_commands=chatforge_register_commands)},
+                       strict=False)
+    assert "already registered by plugin 'core'" in bot.engine.host.infos["thief"].errors[0]
+
+
+def test_make_bot_rejects_bad_plugin_config():
+    with pytest.raises(ConfigError, match="generator.max_new_tokens: must be a positive integer"):
+        make_bot({"generator": {"max_new_tokens": 0}})
