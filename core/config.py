@@ -187,8 +187,9 @@ def _substitute_env(node: Any, path: str, issues: list[ConfigIssue]) -> Any:
 
     def lookup(match: re.Match[str]) -> str:
         name, default = match.group(1), match.group(2)
-        if name in os.environ:
-            return os.environ[name]
+        value = os.environ.get(name)
+        if value is not None and (value or default is None):
+            return value  # as in the shell, `:-` also replaces a set but empty variable
         if default is not None:
             return default
         issues.append(ConfigIssue(path, f"environment variable {name} is not set"))

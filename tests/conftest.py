@@ -9,6 +9,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -62,3 +64,19 @@ def tiny_gpt2(tmp_path_factory) -> Path:
 def model_cache(tmp_path_factory) -> Path:
     """Where converted models go during the test session (shared by every test)."""
     return tmp_path_factory.mktemp("chatforge-cache")
+
+
+CHATFORGE = str(Path(sys.executable).parent / "chatforge")
+
+
+def run_chatforge(*args: str, stdin: str = "", cwd: Path | None = None, env: dict | None = None,
+                  timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run the installed `chatforge` command as a user would, offline."""
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+    return subprocess.run([CHATFORGE, *args], input=stdin, capture_output=True, text=True,
+                          cwd=cwd, env=environment, timeout=timeout)
+
+
+@pytest.fixture
+def cli():
+    return run_chatforge

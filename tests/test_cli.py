@@ -1,0 +1,132 @@
+"""`chatforge` as a user runs it: pipe-mode chat on a tiny GPT-2, config errors, plugin faults."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+@pytest.fixture
+def tiny_config(tmp_path, tiny_gpt2, model_cache) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(textwrap.dedent(f"""
+        generator:
+          model: {tiny_gpt2}
+          temperature: 0
+          max_new_tokens: 12
+          cache_dir: {model_cache}
+        memory:
+          path: memory.sqlite3
+    """))
+    return path
+
+
+def test_pipe_mode_answers_each_line_and_exits_zero(cli, tiny_config):
+    result = cli("chat", "--config", str(tiny_config), stdin="hello there\n/help\n/history\n/reset\n")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "Commands:\n/help - list the commands" in out
+    assert "I remember 2 turns of this conversation:\nYou: hello there\nchatforge: " in out
+    assert "Done: I forgot this conversation (2 turns)." in out
+    assert "Traceback" not in result.stderr
+
+
+def test_memory_persists_between_runs_in_the_sqlite_file(cli, tiny_config):
+    assert cli("chat", "-c", str(tiny_config), stdin="remember me\n").returncode == 0
+    assert (tiny_config.parent / "memory.sqlite3").is_file()
+    result = cli("chat", "-c", str(tiny_config), stdin="/history\n")
+    assert "You: remember me" in result.stdout
+
+
+def test_config_from_the_environment_variable(cli, tiny_config, tmp_path):
+    result = cli("chat", stdin="/history\n", cwd=tmp_path, env={"CHATFORGE_CONFIG": str(tiny_config)})
+    assert result.returncode == 0 and "I don't remember anything" in result.stdout
+
+
+@pytest.mark.parametrize("yaml_text, expected", [
+    ("generator:\n  max_new_tokens: lots\n",
+     'config.yaml:2: generator.max_new_tokens: must be a positive integer, got "lots"'),
+    ("generator:\n  temprature: 0\n",
+     'config.yaml:2: generator.temprature: unknown key (did you mean "temperature"?)'),
+    ("memory:\n  scope: everyone\n", "config.yaml:2: memory.scope: must be 'user' or 'chat'"),
+    ("adapters:\n  console:\n    token: ${NO_SUCH_VARIABLE_X}\n",
+     "config.yaml:3: adapters.console.token: environment variable NO_SUCH_VARIABLE_X is not set"),
+    ("generator: [1, 2\n", "config.yaml:2: (top level): not valid YAML"),
+])
+@pytest.mark.parametrize("command", [["chat"], ["config", "check"], ["run"]])
+def test_bad_config_exits_2_naming_the_yaml_path(cli, tmp_path, yaml_text, expected, command):
+    (tmp_path / "config.yaml").write_text(yaml_text)
+    result = cli(*command, cwd=tmp_path)
+    assert result.returncode == 2
+    assert expected in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_config_check_accepts_the_shipped_config(cli):
+    root = Path(__file__).resolve().parents[1]
+    result = cli("config", "check", "--config", str(root / "config.yaml"))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().endswith("config.yaml: OK")
+
+
+def test_a_missing_config_file_is_named(cli, tmp_path):
+    result = cli("config", "check", "--config", str(tmp_path / "nope.yaml"))
+    assert result.returncode == 2 and "nope.yaml: (top level): config file not found" in result.stderr
+
+
+RAISING_PLUGIN = """
+from chatforge import hookimpl
+
+@hookimpl
+def chatforge_preprocess(message):
+    raise RuntimeError("moderation service down")
+"""
+
+
+def test_a_plugin_raising_in_a_hook_logs_one_line_and_the_chat_goes_on(cli, tiny_config):
+    (tiny_config.parent / "moderation.py").write_text(RAISING_PLUGIN)
+    with tiny_config.open("a") as config:
+        config.write("plugins:\n  moderation:\n    module: moderation.py\n")
+    result = cli("chat", "-c", str(tiny_config), stdin="/help\n/history\n")
+    assert result.returncode == 0
+    assert "Commands:" in result.stdout and "I don't remember anything" in result.stdout
+    failures = [line for line in result.stderr.splitlines() if "moderation" in line]
+    assert len(failures) == 2  # one line per message it failed on
+    assert "plugin 'moderation' failed in chatforge_preprocess: RuntimeError: moderation service down" in failures[0]
+
+
+def test_strict_mode_stops_on_a_broken_plugin(cli, tiny_config):
+    (tiny_config.parent / "broken.py").write_text("raise ImportError('missing dependency: frobnicate')\n")
+    with tiny_config.open("a") as config:
+        config.write("plugins:\n  broken:\n    module: broken.py\n")
+    relaxed = cli("chat", "-c", str(tiny_config), stdin="/help\n")
+    assert relaxed.returncode == 0 and "Commands:" in relaxed.stdout
+    strict = cli("chat", "--strict", "-c", str(tiny_config), stdin="/help\n")
+    assert strict.returncode == 1
+    assert "plugin 'broken' failed in import: ImportError: missing dependency: frobnicate" in strict.stderr
+
+
+def test_plugins_lists_sources_hooks_commands_and_errors(cli, tiny_config):
+    (tiny_config.parent / "broken.py").write_text("1 / 0\n")
+    with tiny_config.open("a") as config:
+        config.write("plugins:\n  broken:\n    module: broken.py\n")
+    result = cli("plugins", "-c", str(tiny_config))
+    assert result.returncode == 0
+    assert "core  [builtin: chatforge.builtin_commands]" in result.stdout
+    assert "  commands: /help, /history, /reset" in result.stdout
+    assert "broken  [config: broken.py]" in result.stdout
+    assert "  error:    import: ZeroDivisionError: division by zero" in result.stdout
+
+
+def test_run_starts_the_adapters_named_on_the_command_line(cli, tiny_config):
+    result = cli("run", "--adapter", "console", "-c", str(tiny_config), stdin="/reset\n")
+    assert result.returncode == 0 and "nothing to forget" in result.stdout
+    unknown = cli("run", "--adapter", "irc", "-c", str(tiny_config))
+    assert unknown.returncode == 2 and 'adapters.irc: no adapter named "irc" (available: console)' in unknown.stderr
+
+
+@pytest.mark.parametrize("command", [[], ["chat"], ["run"], ["plugins"], ["config", "check"]])
+def test_help_on_each_command(cli, command):
+    result = cli(*command, "--help")
+    assert result.returncode == 0 and "usage: chatforge" in result.stdout

