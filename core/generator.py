@@ -58,6 +58,7 @@ class TransformersGenerator:
             self.tokenizer, config.system_prompt, context_window, config.max_new_tokens, history_tokens
         )
         self.stop_sequences = self.prompts.stop_sequences + list(config.stop)
+        self._closing = threading.Event()  # stops a generation in progress at the next token
         # One worker: the model is not safe to run from two threads at once.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chatforge-generator")
 
@@ -87,6 +88,7 @@ class TransformersGenerator:
 
     def _generate_blocking(self, input_ids: list[int], emit: OnText | None, max_new_tokens: int) -> str:
         import torch
+        from transformers import StoppingCriteriaList
 
         if self.config.seed is not None:
             torch.manual_seed(self.config.seed)
@@ -108,6 +110,7 @@ class TransformersGenerator:
                 repetition_penalty=self.config.repetition_penalty,
                 pad_token_id=self.tokenizer.pad_token_id,
                 streamer=streamer,
+                stopping_criteria=StoppingCriteriaList([_StopWhenSet(self._closing)]),
                 stop_strings=self.stop_sequences or None,
                 tokenizer=self.tokenizer if self.stop_sequences else None,
                 **sampling,
@@ -115,6 +118,8 @@ class TransformersGenerator:
         return streamer.final_text()
 
     def close(self) -> None:
+        """Stop the generation in progress (at its next token), drop queued ones, free the thread."""
+        self._closing.set()
         self._executor.shutdown(wait=True, cancel_futures=True)
 
 
@@ -126,6 +131,18 @@ def _declared_context(model: Any, tokenizer: Any) -> int:
             return value
     limit = getattr(tokenizer, "model_max_length", None)
     return limit if isinstance(limit, int) and 0 < limit < 1_000_000 else 1024
+
+
+class _StopWhenSet:
+    """A stopping criterion that ends generation when the bot shuts down (Ctrl-C, SIGTERM)."""
+
+    def __init__(self, event: threading.Event) -> None:
+        self.event = event
+
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+        import torch
+
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool)
 
 
 class _StopAwareStreamer:

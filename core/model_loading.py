@@ -15,6 +15,7 @@ import importlib.util
 import logging
 import os
 import shutil
+import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -75,6 +76,22 @@ def hub_unreachable(exc: BaseException) -> bool:
     return False
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick TCP check of the Hugging Face endpoint (False at once under HF_HUB_OFFLINE)."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}:
+        return False
+    from urllib.parse import urlparse
+
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((endpoint.hostname or "", port), timeout=timeout).close()
+        return True
+    except OSError:
+        log.info("the Hugging Face Hub (%s) is unreachable; using only locally cached models", endpoint.hostname)
+        return False
+
+
 def load_model(spec: str, cache_dir: Path, fallback: bool = True) -> LoadedModel:
     """Load `spec` (Hub id, folder or .gguf), falling back to the embedded model when offline."""
     path = Path(os.path.expanduser(spec))
@@ -87,7 +104,8 @@ def load_model(spec: str, cache_dir: Path, fallback: bool = True) -> LoadedModel
     if spec.startswith((".", "/", "~")):
         raise ModelLoadError(f"generator.model: no such folder: {path}")
     try:
-        return _load_pretrained(spec, name=spec)
+        # Without this check, huggingface_hub retries an unreachable Hub for ~45 s.
+        return _load_pretrained(spec, name=spec, local_only=not hub_reachable())
     except OSError as exc:
         if not (fallback and hub_unreachable(exc)):
             raise ModelLoadError(f"generator.model: cannot load {spec!r}: {exc}") from None
@@ -118,7 +136,9 @@ def load_gguf(path: Path, cache_dir: Path) -> LoadedModel:
 
 def _convert_gguf(path: Path, target: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as transformers_logging
 
+    transformers_logging.enable_progress_bar()  # dequantizing takes 15-20 s: show how far it is
     with progress(f"converting {path.name} to a cached copy in {target} (first start only)"):
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
@@ -139,12 +159,14 @@ def _convert_gguf(path: Path, target: Path) -> None:
         os.replace(partial, target)  # atomic: a crash never leaves a half-written cache
 
 
-def _load_pretrained(source: str, name: str) -> LoadedModel:
+def _load_pretrained(source: str, name: str, local_only: bool = False) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as transformers_logging
 
+    transformers_logging.disable_progress_bar()  # loading a converted copy takes well under a second
     with progress(f"loading model {name}"):
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source)
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
+        model = AutoModelForCausalLM.from_pretrained(source, local_files_only=local_only)
     model.eval()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

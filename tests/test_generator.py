@@ -82,6 +82,35 @@ def test_generation_runs_off_the_event_loop(loaded):
     assert ticks > 10  # the loop kept running while the model worked
 
 
+def test_closing_stops_a_generation_at_the_next_token(loaded):
+    normal = make_generator(loaded, max_new_tokens=48, stop=["never-appears"])
+    stopped = make_generator(loaded, max_new_tokens=48, stop=["never-appears"])
+    stopped._closing.set()  # as close() does when the bot shuts down mid-reply
+    full = asyncio.run(normal.reply([], "hello there"))
+    cut = asyncio.run(stopped.reply([], "hello there"))
+    normal.close()
+    stopped.close()
+    count = lambda text: len(loaded.tokenizer.encode(text))  # noqa: E731
+    assert count(full) >= 20 and count(cut) <= 3
+
+
+def test_hub_reachability_is_a_quick_loopback_check(monkeypatch):
+    import socket
+
+    from chatforge.model_loading import hub_reachable
+
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    assert hub_reachable(timeout=2) is True
+    server.close()
+    assert hub_reachable(timeout=2) is False  # nothing listens there now
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    assert hub_reachable() is False
+
+
 def test_transcript_prompt_for_a_model_without_chat_template(loaded):
     builder = PromptBuilder(loaded.tokenizer, "Be nice.", 256, 32, 768)
     assert not builder.uses_chat_template
