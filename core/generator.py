@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
@@ -24,6 +26,21 @@ log = logging.getLogger("chatforge.generator")
 
 OnText = Callable[[str], None]
 """Receives each new piece of reply text as it is generated."""
+
+
+@dataclass(frozen=True)
+class GenerationStats:
+    """How the last generation went: for logs and benchmarks."""
+
+    prompt_tokens: int
+    new_tokens: int
+    seconds: float
+    first_token_seconds: float
+
+    @property
+    def tokens_per_second(self) -> float:
+        decoding = self.seconds - self.first_token_seconds
+        return (self.new_tokens - 1) / decoding if self.new_tokens > 1 and decoding > 0 else 0.0
 
 
 class TextGenerator(Protocol):
@@ -58,6 +75,7 @@ class TransformersGenerator:
             self.tokenizer, config.system_prompt, context_window, config.max_new_tokens, history_tokens
         )
         self.stop_sequences = self.prompts.stop_sequences + list(config.stop)
+        self.last_stats: GenerationStats | None = None
         self._closing = threading.Event()  # stops a generation in progress at the next token
         # One worker: the model is not safe to run from two threads at once.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chatforge-generator")
@@ -102,6 +120,7 @@ class TransformersGenerator:
                 "top_k": self.config.top_k,
             }
         inputs = torch.tensor([input_ids], dtype=torch.long)
+        started = time.perf_counter()
         with torch.inference_mode():
             self.model.generate(
                 inputs,
@@ -115,6 +134,11 @@ class TransformersGenerator:
                 tokenizer=self.tokenizer if self.stop_sequences else None,
                 **sampling,
             )
+        elapsed = time.perf_counter() - started
+        first = (streamer.first_token_at or time.perf_counter()) - started
+        self.last_stats = GenerationStats(len(input_ids), len(streamer.ids), elapsed, first)
+        log.debug("generated %d tokens in %.2f s (%.1f tokens/s after the first at %.2f s)",
+                  len(streamer.ids), elapsed, self.last_stats.tokens_per_second, first)
         return streamer.final_text()
 
     def close(self) -> None:
@@ -156,13 +180,15 @@ class _StopAwareStreamer:
         self.ids: list[int] = []
         self.sent = 0
         self.prompt_seen = False
-        self.finished = threading.Event()
+        self.first_token_at: float | None = None
 
     # transformers' streamer protocol: put() gets the prompt first, then each new token.
     def put(self, value: Any) -> None:
         if not self.prompt_seen:
             self.prompt_seen = True
             return
+        if self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
         self.ids.extend(int(token) for token in value.reshape(-1).tolist())
         if self.emit is not None:
             self._emit(final=False)
@@ -170,7 +196,6 @@ class _StopAwareStreamer:
     def end(self) -> None:
         if self.emit is not None:
             self._emit(final=True)
-        self.finished.set()
 
     def text(self) -> str:
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
