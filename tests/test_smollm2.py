@@ -58,3 +58,13 @@ def test_done_when_scenario_on_the_cached_model(cli, offline_config):
     assert "I remember 4 turns of this conversation:" in out
     assert "You: What is the capital of France?" in out
     assert "Done: I forgot this conversation (4 turns)." in out
+
+
+def test_a_gguf_file_can_be_configured_directly(cli, offline_config):
+    """`generator.model: some.gguf` goes through the same cached conversion as the fallback."""
+    config = offline_config.with_name("gguf.yaml")
+    config.write_text(offline_config.read_text().replace("model: gpt2", f"model: {embedded_gguf_file()}"))
+    result = cli("chat", "-c", str(config), stdin="/reset\nWhat is the capital of France?\n")
+    assert result.returncode == 0, result.stderr
+    assert "WARNING" not in result.stderr and "converting" not in result.stderr
+    assert "Paris" in result.stdout
