@@ -15,12 +15,19 @@ from .config import StrictModel as PluginConfig
 from .hookspecs import PROJECT_NAME, hookimpl
 from .memory import Turn
 from .message import Message, Reply
+from .skill import Lazy, SkillError, Trigger, check_length, match_trigger, require
 
 __version__ = "0.1.0"
 
 __all__ = [
     "PROJECT_NAME",
     "CommandContext",
+    "Lazy",
+    "SkillError",
+    "Trigger",
+    "check_length",
+    "match_trigger",
+    "require",
     "Message",
     "PluginConfig",
     "Reply",

@@ -50,14 +50,8 @@ def create_engine(
         generator if generator is not None else create_generator(settings),
         memory if memory is not None else create_memory(settings),
     )
-    host.call("chatforge_startup", bot=engine, config=_per_plugin_config(host))
+    host.call("chatforge_startup", bot=engine)
     return engine
-
-
-def _per_plugin_config(host: PluginHost):
-    from .plugin_manager import PerPlugin
-
-    return PerPlugin(host.configs.get)
 
 
 def choose_adapters(settings: Settings, host: PluginHost, names: Iterable[str] | None) -> list[str]:

@@ -24,6 +24,7 @@ from .generator import OnText, TextGenerator
 from .memory import MemoryStore, Turn, conversation_key
 from .message import Message, Reply
 from .plugin_manager import PluginHost
+from .skill import SkillError
 
 log = logging.getLogger("chatforge.engine")
 
@@ -85,11 +86,19 @@ class Engine:
         return reply if reply else None
 
     async def _answer(self, message: Message, on_text: OnText | None) -> Reply:
-        for _plugin, result in self.host.call("chatforge_preprocess", message=message, bot=self):
+        try:
+            return await self._route(message, on_text)
+        except SkillError as refusal:  # a plugin's message for the user, not a fault
+            return Reply(str(refusal), source="plugin", remember=False)
+
+    async def _route(self, message: Message, on_text: OnText | None) -> Reply:
+        arguments: dict[str, Any] = {"message": message, "bot": self}
+        for plugin, result in self.host.iter_call("chatforge_preprocess", arguments):
+            result = await self._settle(plugin, "chatforge_preprocess", result)
             if isinstance(result, Reply):
                 return result
             if isinstance(result, Message):
-                message = result
+                arguments["message"] = message = result
 
         parsed = parse_command(message.text, self.command_prefix)
         if parsed is not None:
@@ -101,13 +110,27 @@ class Engine:
             else:
                 reply = await self._generate(message, on_text)
 
-        for _plugin, new_text in self.host.call("chatforge_postprocess", message=message, reply=reply, bot=self):
+        arguments = {"message": message, "reply": reply, "bot": self}
+        for plugin, new_text in self.host.iter_call("chatforge_postprocess", arguments):
+            new_text = await self._settle(plugin, "chatforge_postprocess", new_text)
             if isinstance(new_text, str):
                 reply.text = new_text
 
         if reply.remember and reply.text:
             self._remember(message, reply)
         return reply
+
+    async def _settle(self, plugin: str, hook_name: str, result: Any) -> Any:
+        """Await a hook's result if it is awaitable; a failure is reported and counts as None."""
+        if not inspect.isawaitable(result):
+            return result
+        try:
+            return await result
+        except SkillError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            self.host.report(plugin, hook_name, exc)
+            return None
 
     async def _run_command(self, message: Message, name: str, args: str) -> Reply:
         command = self.commands.get(name)
@@ -119,6 +142,8 @@ class Engine:
         context = CommandContext(message=message, args=args, bot=self, config=self.host.configs.get(command.plugin))
         try:
             result = command.handler(context)
+        except SkillError:
+            raise
         except Exception as exc:  # noqa: BLE001
             self.host.report(command.plugin, f"/{name}", exc)
             return apology(f"the {command.plugin} plugin")
@@ -132,6 +157,8 @@ class Engine:
         try:
             if inspect.isawaitable(result):
                 result = await result
+        except SkillError:
+            raise
         except Exception as exc:  # noqa: BLE001
             self.host.report(plugin, where, exc)
             return apology(f"the {plugin} plugin")
@@ -156,7 +183,7 @@ class Engine:
         key = self.conversation(message)
         now = time.time()
         try:
-            self.memory.add(key, Turn("user", message.text, now, message.user, message.display_name))
+            self.memory.add(key, Turn("user", message.text, now, message.user, message.display_name, dict(message.meta)))
             self.memory.add(key, Turn("assistant", reply.text, now, "", self.name))
         except Exception as exc:  # noqa: BLE001 - a full disk must not stop the reply
             log.error("could not save the conversation turn: %s: %s", type(exc).__name__, exc)

@@ -1,9 +1,10 @@
 """Every extension point of chatforge, in one place.
 
 Plugins implement these with `@chatforge.hookimpl`. Registration hooks get a
-`register` callback instead of returning lists (the simonw/llm style), and a
-`config` argument holding the plugin's own validated config section. A plugin
-only needs to accept the arguments it uses.
+`register` callback instead of returning lists (the simonw/llm style). Every
+hook with a `config` argument receives the plugin's own validated config
+section (its `chatforge_config_model`, or None). A plugin only needs to accept
+the arguments it uses.
 
 chatforge calls each implementation on its own: one that raises is logged
 with the plugin's name and skipped (or is fatal under `--strict`).
@@ -19,7 +20,7 @@ if TYPE_CHECKING:
     from pydantic import BaseModel
 
     from .message import Message, Reply
-    from .bot import Bot
+    from .engine import Engine as Bot
 
 PROJECT_NAME = "chatforge"
 
@@ -48,22 +49,22 @@ def chatforge_startup(bot: Bot, config: Any) -> None:
 
 
 @hookspec
-def chatforge_preprocess(message: Message, bot: Bot) -> Message | Reply | None:
+def chatforge_preprocess(message: Message, bot: Bot, config: Any) -> Message | Reply | None:
     """Inspect an incoming message: return a changed Message, a Reply to answer at once, or None."""
 
 
 @hookspec(firstresult=True)
 def chatforge_handle_text(
-    message: Message, bot: Bot
+    message: Message, bot: Bot, config: Any
 ) -> str | Reply | Awaitable[str | Reply | None] | None:
     """Claim free text (not a command): return a reply or an awaitable of one; None passes. First result wins."""
 
 
 @hookspec
-def chatforge_postprocess(message: Message, reply: Reply, bot: Bot) -> str | None:
+def chatforge_postprocess(message: Message, reply: Reply, bot: Bot, config: Any) -> str | None:
     """Rewrite a reply before it is sent and remembered: return new text, or None to keep it."""
 
 
 @hookspec
-def chatforge_shutdown(bot: Bot) -> None:
+def chatforge_shutdown(bot: Bot, config: Any) -> None:
     """Called once when the bot stops, to release what `chatforge_startup` took."""

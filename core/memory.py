@@ -12,9 +12,9 @@ import json
 import sqlite3
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from .message import Message
 
@@ -30,6 +30,8 @@ class Turn:
     created_at: float = 0.0
     user: str = ""
     display_name: str = ""
+    meta: dict[str, Any] = field(default_factory=dict, compare=False)
+    """What plugins noted about the message (e.g. its sentiment); kept as JSON."""
 
 
 def conversation_key(message: Message, scope: Literal["user", "chat"] = "user") -> str:
@@ -85,6 +87,9 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX turns_by_conversation ON turns (conversation, id);
     """,
+    """
+    ALTER TABLE turns ADD COLUMN meta TEXT NOT NULL DEFAULT '{}';
+    """,
 ]
 
 
@@ -131,10 +136,10 @@ class SQLiteMemory:
     def add(self, key: str, turn: Turn) -> None:
         with self._lock:
             self._db.execute(
-                "INSERT INTO turns (conversation, role, text, user_id, display_name, created_at)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT INTO turns (conversation, role, text, user_id, display_name, created_at, meta)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (key, turn.role, turn.text, turn.user, turn.display_name,
-                 turn.created_at or time.time()),
+                 turn.created_at or time.time(), json.dumps(turn.meta, default=str)),
             )
 
     def recent(self, key: str, limit: int) -> list[Turn]:
@@ -142,11 +147,11 @@ class SQLiteMemory:
             return []
         with self._lock:
             rows = self._db.execute(
-                "SELECT role, text, created_at, user_id, display_name FROM turns"
+                "SELECT role, text, created_at, user_id, display_name, meta FROM turns"
                 " WHERE conversation = ? ORDER BY id DESC LIMIT ?",
                 (key, limit),
             ).fetchall()
-        return [Turn(*row) for row in reversed(rows)]
+        return [Turn(*row[:5], meta=json.loads(row[5])) for row in reversed(rows)]
 
     def forget(self, key: str) -> int:
         with self._lock:

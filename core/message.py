@@ -27,6 +27,8 @@ class Message:
     """True when the bot was addressed by name or @mention in a group."""
     raw: Any = field(default=None, compare=False, repr=False)
     """The platform's own event object, for adapters that need it back."""
+    meta: dict[str, Any] = field(default_factory=dict, compare=False)
+    """Notes plugins attach in pre-processing (e.g. sentiment); remembered with the turn."""
 
     def replace(self, **changes: Any) -> Message:
         """A copy with some fields changed (messages are immutable)."""

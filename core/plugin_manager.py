@@ -19,13 +19,14 @@ import sys
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import pluggy
 from pydantic import BaseModel
 
 from . import hookspecs
 from .commands import Command, CommandRegistry
+from .skill import SkillError
 from .config import ConfigIssue, PluginSection, Settings, validate_section
 
 log = logging.getLogger("chatforge.plugins")
@@ -36,6 +37,9 @@ ENTRY_POINT_GROUP = "chatforge"
 # with chatforge; they use exactly the hooks a third-party plugin uses.
 BUILTIN_PLUGINS: dict[str, str] = {
     "core": "chatforge.builtin_commands",
+    "sentiment": "chatforge.plugins.sentiment",
+    "summarize": "chatforge.plugins.summarize",
+    "translate": "chatforge.plugins.translate",
     "console": "chatforge.adapters.console",
 }
 
@@ -234,7 +238,7 @@ class PluginHost:
             return register
 
         # In load order, so built-in commands keep their names whatever a later plugin registers.
-        kwargs = {"register": PerPlugin(register_for), "config": PerPlugin(self.configs.get)}
+        kwargs = {"register": PerPlugin(register_for)}
         for impl in reversed(self.implementations("chatforge_register_commands")):
             self._invoke(impl, "chatforge_register_commands", kwargs)
 
@@ -244,6 +248,13 @@ class PluginHost:
         """The hook's implementations in pluggy's call order (tryfirst first, then newest first)."""
         caller = getattr(self.pm.hook, hook_name)
         return [impl for impl in reversed(caller.get_hookimpls()) if not (impl.hookwrapper or impl.wrapper)]
+
+    def iter_call(self, hook_name: str, kwargs: dict[str, Any]) -> Iterator[tuple[str, Any]]:
+        """Call implementations one at a time; the caller may change `kwargs` between them (a pipeline)."""
+        for impl in self.implementations(hook_name):
+            ok, result = self._invoke(impl, hook_name, kwargs)
+            if ok and result is not None:
+                yield impl.plugin_name, result
 
     def call(self, hook_name: str, **kwargs: Any) -> list[tuple[str, Any]]:
         """Call every plugin's implementation; returns (plugin, result) for each that did not fail."""
@@ -272,10 +283,12 @@ class PluginHost:
     def _invoke(self, impl: pluggy.HookImpl, hook_name: str, kwargs: dict[str, Any]) -> tuple[bool, Any]:
         args = []
         for arg in impl.argnames:
-            value = kwargs.get(arg)
+            value = kwargs.get(arg, PerPlugin(self.configs.get) if arg == "config" else None)
             args.append(value.value_for(impl.plugin_name) if isinstance(value, PerPlugin) else value)
         try:
             return True, impl.function(*args)
+        except SkillError:
+            raise  # a message for the user, handled by the engine
         except Exception as exc:  # noqa: BLE001 - isolating plugin faults is the point
             self.report(impl.plugin_name, hook_name, exc)
             return False, None

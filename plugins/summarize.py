@@ -1,0 +1,1 @@
+"""Summarize (being written)."""
