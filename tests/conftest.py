@@ -34,6 +34,15 @@ def one_torch_thread():
     torch.set_num_threads(1)
 
 
+def train_byte_bpe(special_tokens: list[str], vocab_size: int = 400):
+    """A byte-level BPE (GPT-2's kind of tokenizer) trained in a second on CORPUS."""
+    from tokenizers import ByteLevelBPETokenizer
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(CORPUS, vocab_size=vocab_size, min_frequency=1, special_tokens=special_tokens)
+    return bpe._tokenizer
+
+
 @pytest.fixture(scope="session")
 def tiny_gpt2(tmp_path_factory) -> Path:
     """A two-layer GPT-2 with a byte-level BPE trained here, saved like a real model folder.
@@ -42,13 +51,10 @@ def tiny_gpt2(tmp_path_factory) -> Path:
     its weights are random, so tests check plumbing, not wording.
     """
     import torch
-    from tokenizers import ByteLevelBPETokenizer
     from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
 
     folder = tmp_path_factory.mktemp("tiny-gpt2")
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(CORPUS, vocab_size=400, min_frequency=1, special_tokens=["<|endoftext|>"])
-    tokenizer = GPT2TokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<|endoftext|>",
+    tokenizer = GPT2TokenizerFast(tokenizer_object=train_byte_bpe(["<|endoftext|>"]), bos_token="<|endoftext|>",
                                   eos_token="<|endoftext|>", unk_token="<|endoftext|>")
     tokenizer.model_max_length = 256
     tokenizer.save_pretrained(folder)

@@ -1,0 +1,152 @@
+"""The sentiment skill: VADER for real, the transformers backend on a tiny classifier built here."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from chatforge.testing import make_bot
+
+
+def ask(bot, text, **fields):
+    return asyncio.run(bot.ask(text, **fields))
+
+
+@pytest.fixture(scope="module")
+def bot():
+    return make_bot()
+
+
+@pytest.mark.parametrize("text, label", [
+    ("I love this, it is wonderful!", "positive"),
+    ("This is the worst day of my life.", "negative"),
+    ("The meeting is at ten in room four.", "neutral"),
+])
+def test_sentiment_command_labels_and_scores(bot, text, label):
+    reply = ask(bot, f"/sentiment {text}")
+    word, score = reply.split(" ")
+    assert word == label
+    value = float(score.strip("()"))
+    assert (value > 0.05) if label == "positive" else (value < -0.05) if label == "negative" else abs(value) < 0.05
+
+
+def test_natural_language_trigger(bot):
+    assert ask(bot, "What's the sentiment of: what a lovely, sunny morning").startswith("That sounds positive (+")
+    assert ask(bot, "how does this sound? I am furious and disgusted").startswith("That sounds negative (-")
+
+
+def test_usage_and_limits(bot):
+    assert ask(bot, "/sentiment") == "Usage: /sentiment TEXT"
+    long = ask(make_bot({"plugins": {"sentiment": {"max_chars": 10}}}), "/sentiment this is far too long")
+    assert long == "That text is 20 characters long; the limit is 10. Please send a shorter one."
+
+
+def test_custom_triggers_from_config():
+    bot = make_bot({"plugins": {"sentiment": {"triggers": [r"vibe check\s+(?P<text>.+)"]}}})
+    assert ask(bot, "vibe check I adore puppies").startswith("That sounds positive")
+    assert ask(bot, "What's the sentiment of: I adore puppies") == "echo: What's the sentiment of: I adore puppies"
+
+
+def test_a_trigger_without_a_text_group_is_a_config_error():
+    from chatforge.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"plugins.sentiment.triggers.0: must be .*\(\?P<text>"):
+        make_bot({"plugins": {"sentiment": {"triggers": ["vibe check (.+)"]}}})
+
+
+def test_passive_mode_records_sentiment_for_mood_and_other_plugins():
+    bot = make_bot({"plugins": {"sentiment": {"passive": True}}})
+    assert ask(bot, "/mood") == "I have no mood readings for this conversation yet."
+    for text in ["This is awful and I hate it.", "Things are bad.", "Now it is great, I love it!", "Wonderful, amazing day!"]:
+        ask(bot, text)
+    mood = ask(bot, "/mood")
+    assert mood.startswith("Mood over your last 4 messages:") and ", improving." in mood
+    turns = bot.engine.history(bot.message("x"))
+    notes = [turn.meta.get("sentiment") for turn in turns if turn.role == "user"]
+    assert [note["label"] for note in notes] == ["negative", "negative", "positive", "positive"]
+    assert all(turn.meta == {} for turn in turns if turn.role == "assistant")
+
+
+def test_mood_explains_how_to_turn_it_on(bot):
+    assert "plugins.sentiment.passive: true" in ask(bot, "/mood")
+
+
+def test_passive_sentiment_survives_in_sqlite(tmp_path):
+    from chatforge.memory import SQLiteMemory
+
+    memory = SQLiteMemory(tmp_path / "m.sqlite3")
+    bot = make_bot({"plugins": {"sentiment": {"passive": True}}}, memory=memory)
+    ask(bot, "I love it")
+    memory.close()
+    reopened = SQLiteMemory(tmp_path / "m.sqlite3")
+    (user_turn, _reply) = reopened.recent(bot.engine.conversation(bot.message("x")), 10)
+    assert user_turn.meta["sentiment"]["label"] == "positive"
+
+
+@pytest.fixture(scope="module")
+def tiny_classifier(tmp_path_factory):
+    """A one-layer DistilBERT sentiment classifier with random weights and a word-level vocabulary."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import DistilBertConfig, DistilBertForSequenceClassification, DistilBertTokenizerFast
+
+    folder = tmp_path_factory.mktemp("tiny-distilbert")
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "i", "love", "hate", "this", "it", "is", "good", "bad"]
+    backend = Tokenizer(models.WordPiece({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer = DistilBertTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]",
+                                        cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+    tokenizer.save_pretrained(folder)
+    torch.manual_seed(0)
+    config = DistilBertConfig(vocab_size=len(words), dim=16, n_layers=1, n_heads=2, hidden_dim=32,
+                              max_position_embeddings=64, id2label={0: "NEGATIVE", 1: "POSITIVE"},
+                              label2id={"NEGATIVE": 0, "POSITIVE": 1})
+    DistilBertForSequenceClassification(config).save_pretrained(folder)
+    return folder
+
+
+def test_transformers_backend_through_a_pipeline(tiny_classifier, monkeypatch):
+    from chatforge.plugins import sentiment
+
+    loads = []
+    original = sentiment.TransformersBackend.__init__
+
+    def counting_init(self, model):
+        loads.append(model)
+        original(self, model)
+
+    monkeypatch.setattr(sentiment.TransformersBackend, "__init__", counting_init)
+    sentiment.backend_for.cache_clear()
+    bot = make_bot({"plugins": {"sentiment": {"backend": "transformers", "model": str(tiny_classifier)}}})
+    first = ask(bot, "/sentiment i love it")
+    second = ask(bot, "/sentiment this is bad")
+    for reply in (first, second):
+        label, score = reply.split(" ")
+        assert label in {"positive", "negative", "neutral"} and -1 <= float(score.strip("()")) <= 1
+    assert loads == [str(tiny_classifier)]  # loaded lazily, once
+    sentiment.backend_for.cache_clear()
+
+
+def test_transformers_backend_with_an_unreachable_model_says_what_to_do():
+    from chatforge.plugins import sentiment
+
+    sentiment.backend_for.cache_clear()
+    bot = make_bot({"plugins": {"sentiment": {"backend": "transformers"}}})
+    reply = ask(bot, "/sentiment i love it")
+    assert "distilbert-base-uncased-finetuned-sst-2-english" in reply
+    assert "plugins.sentiment.model" in reply and "backend: vader" in reply
+    sentiment.backend_for.cache_clear()
+
+
+def test_missing_package_names_the_install_command(monkeypatch):
+    import sys
+
+    from chatforge.plugins import sentiment
+
+    monkeypatch.setitem(sys.modules, "vaderSentiment.vaderSentiment", None)  # import now fails
+    sentiment.backend_for.cache_clear()
+    reply = ask(make_bot(), "/sentiment great")
+    assert reply == ("This needs the Python package 'vaderSentiment.vaderSentiment', which is not installed: "
+                     "pip install vaderSentiment")
+    sentiment.backend_for.cache_clear()
