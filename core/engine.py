@@ -29,6 +29,9 @@ from .skill import SkillError
 log = logging.getLogger("chatforge.engine")
 
 
+_FAILED = object()
+
+
 def apology(source: str) -> Reply:
     return Reply(f"Sorry, something went wrong while answering ({source} failed). Please try again.",
                  source=source, remember=False)
@@ -106,7 +109,8 @@ class Engine:
         else:
             plugin, claimed = self.host.call_first("chatforge_handle_text", message=message, bot=self)
             if plugin is not None:
-                reply = await self._plugin_reply(plugin, claimed, default_source=plugin)
+                reply = await self._plugin_reply(plugin, claimed, source=plugin, where="chatforge_handle_text",
+                                                 remember=True)
             else:
                 reply = await self._generate(message, on_text)
 
@@ -120,8 +124,8 @@ class Engine:
             self._remember(message, reply)
         return reply
 
-    async def _settle(self, plugin: str, hook_name: str, result: Any) -> Any:
-        """Await a hook's result if it is awaitable; a failure is reported and counts as None."""
+    async def _settle(self, plugin: str, hook_name: str, result: Any, failed: Any = None) -> Any:
+        """Await a hook's result if it is awaitable; a failure is reported and gives `failed`."""
         if not inspect.isawaitable(result):
             return result
         try:
@@ -130,7 +134,7 @@ class Engine:
             raise
         except Exception as exc:  # noqa: BLE001
             self.host.report(plugin, hook_name, exc)
-            return None
+            return failed
 
     async def _run_command(self, message: Message, name: str, args: str) -> Reply:
         command = self.commands.get(name)
@@ -147,26 +151,19 @@ class Engine:
         except Exception as exc:  # noqa: BLE001
             self.host.report(command.plugin, f"/{name}", exc)
             return apology(f"the {command.plugin} plugin")
-        reply = await self._plugin_reply(command.plugin, result, default_source=f"/{name}", where=f"/{name}")
-        if result is not None and not isinstance(result, Reply):
-            reply.remember = False  # a command's plain answer is not conversation
-        return reply
+        # A command's plain answer is not conversation; a Reply decides for itself.
+        return await self._plugin_reply(command.plugin, result, source=f"/{name}", where=f"/{name}", remember=False)
 
-    async def _plugin_reply(self, plugin: str, result: Any, default_source: str, where: str = "chatforge_handle_text") -> Reply:
+    async def _plugin_reply(self, plugin: str, result: Any, source: str, where: str, remember: bool) -> Reply:
         """Await and normalise what a plugin returned; its failure becomes an apology."""
-        try:
-            if inspect.isawaitable(result):
-                result = await result
-        except SkillError:
-            raise
-        except Exception as exc:  # noqa: BLE001
-            self.host.report(plugin, where, exc)
+        result = await self._settle(plugin, where, result, failed=_FAILED)
+        if result is _FAILED:
             return apology(f"the {plugin} plugin")
         if isinstance(result, Reply):
             return result
         if result is None:
-            return Reply("", source=default_source, remember=False)
-        return Reply(str(result), source=default_source)
+            return Reply("", source=source, remember=False)
+        return Reply(str(result), source=source, remember=remember)
 
     async def _generate(self, message: Message, on_text: OnText | None) -> Reply:
         try:

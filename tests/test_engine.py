@@ -291,3 +291,17 @@ def test_command_handler_gets_args_message_and_config():
                                            chatforge_register_commands=chatforge_register_commands)})
     assert run(bot.ask("/roll 2", user="ann")) == "ann rolled 2 on d20 (d20)"
     assert run(bot.ask("/ROLL@chatforge_bot", user="bob")) == "bob rolled nothing on d20 (d20)"
+
+
+def test_a_command_decides_whether_its_reply_is_remembered():
+    @hookimpl
+    def chatforge_register_commands(register):
+        async def note(ctx):
+            return Reply(f"noted: {ctx.args}", remember=True)
+        register("note", note, help="remember a note")
+        register("plain", lambda ctx: "not remembered", help="answer plainly")
+
+    bot = make_bot(plugins={"notes": plugin(chatforge_register_commands=chatforge_register_commands)})
+    run(bot.ask("/note buy milk"))
+    run(bot.ask("/plain"))
+    assert [t.text for t in bot.engine.history(bot.message("x"))] == ["/note buy milk", "noted: buy milk"]
