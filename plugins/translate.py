@@ -1,1 +1,356 @@
-"""Translate (being written)."""
+"""Translate: text from one language into another, offline.
+
+    /translate es Hello, how are you?    ->  Hola, cómo eres?
+    /translate spa>eng Hola              ->  Hello
+    translate to Spanish: good morning   ->  buenos días
+
+Languages are ISO 639-1 or 639-3 codes (`es`, `spa`) or English names
+(`Spanish`). Without a source language, the only installed pair that reaches
+the target is used, or else `langid` guesses among the pairs that do.
+
+Backends: `apertium` (default; rule-based, runs the `apertium` program, whose
+language pairs are Debian packages such as `apertium-eng-spa`) and
+`transformers` (MarianMT models: the `models:` folders, else the Hub id from
+the `model` template when the Hub or its cache has it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import functools
+import os
+import re
+import subprocess
+from typing import Any, Literal
+
+from pydantic import PositiveFloat, PositiveInt, field_validator
+
+from chatforge import (CommandContext, Lazy, Message, PluginConfig, SkillError, Trigger, check_length,
+                       hookimpl, match_trigger, require)
+
+USAGE = "[SRC>]TGT TEXT"
+APERTIUM_INSTALL = "apt-get install apertium apertium-eng-spa"
+
+Pair = tuple[str, str]
+"""(source, target), both ISO 639-3 codes."""
+
+
+# ---------------------------------------------------------------- languages
+
+def iso639_3(name_or_code: str) -> str | None:
+    """The ISO 639-3 code for an ISO 639 code or an English name ('es', 'spa', 'spanish'); None if unknown."""
+    iso639 = require("iso639", "pip install iso639-lang")
+    word = name_or_code.strip()
+    if not word:
+        return None
+    for candidate in dict.fromkeys((word.lower(), word.title())):  # codes are lower case, names title case
+        try:
+            code = iso639.Lang(candidate).pt3
+        except (iso639.exceptions.InvalidLanguageValue, iso639.exceptions.DeprecatedLanguageValue):
+            continue
+        if code:  # language families (ISO 639-5 only) have none
+            return code
+    return None
+
+
+def language_name(code: str) -> str:
+    return require("iso639", "pip install iso639-lang").Lang(code).name
+
+
+def iso639_1(code: str) -> str:
+    """The two-letter code where there is one (Marian model names and langid use them), else `code`."""
+    return require("iso639", "pip install iso639-lang").Lang(code).pt1 or code
+
+
+def parse_pair(text: str) -> Pair:
+    """'eng-spa' or 'en-es' -> ('eng', 'spa'); ValueError for anything else."""
+    sides = text.split("-")
+    codes = [iso639_3(side) for side in sides]
+    if len(sides) != 2 or None in codes:
+        raise ValueError(f"{text!r} is not a language pair like 'eng-spa' (ISO 639 codes)")
+    return codes[0], codes[1]
+
+
+def show_pair(pair: Pair) -> str:
+    return f"{pair[0]}→{pair[1]}"
+
+
+# ---------------------------------------------------------------- config
+
+class TranslateConfig(PluginConfig):
+    backend: Literal["apertium", "transformers"] = "apertium"
+    timeout: PositiveFloat = 30
+    """Seconds Apertium may take for one text."""
+    model: str = "Helsinki-NLP/opus-mt-{src}-{tgt}"
+    """For transformers: the model id for a pair not in `models`, from ISO 639-1 codes; "" for none."""
+    models: dict[str, str] = {}
+    """For transformers: pair -> model id or folder, e.g. {"eng-spa": "/models/opus-mt-en-es"}."""
+    max_new_tokens: PositiveInt = 512
+    max_chars: PositiveInt = 5000
+    default_target: str = "eng"
+    """The target language for a trigger without a (?P<lang>...) group."""
+    triggers: list[Trigger] = [
+        r"translate\s+(?:from\s+(?P<source>[\w-]+)\s+)?(?:to|into)\s+(?P<lang>[\w-]+)(?:\s*[:,]\s*|\s+)(?P<text>.+)",
+        r"how\s+(?:do|would|can)\s+(?:you|I)\s+say\s+(?P<text>.+?)\s+in\s+(?P<lang>[\w-]+)\s*\??\s*$",
+    ]
+
+    @field_validator("model")
+    @classmethod
+    def _template_uses_src_and_tgt_only(cls, template: str) -> str:
+        try:
+            template.format(src="en", tgt="es")
+        except (KeyError, IndexError, ValueError):
+            raise ValueError("the model template may only use {src} and {tgt}") from None
+        return template
+
+    @field_validator("models")
+    @classmethod
+    def _keys_are_pairs(cls, models: dict[str, str]) -> dict[str, str]:
+        return {"-".join(parse_pair(key)): os.path.expanduser(source) for key, source in models.items()}
+
+    @field_validator("default_target")
+    @classmethod
+    def _is_a_language(cls, language: str) -> str:
+        code = iso639_3(language)
+        if code is None:
+            raise ValueError(f"{language!r} is not an ISO 639 language code or name")
+        return code
+
+
+# ---------------------------------------------------------------- backends
+
+def parse_apertium_modes(listing: str) -> dict[Pair, str]:
+    """`apertium -l` output -> {(source, target): mode to run}.
+
+    Mode names mix 2- and 3-letter codes (`en-gl`, `eng-spa`) and add variants
+    (`spa-eng_US`); the plain mode wins over a variant of the same pair.
+    """
+    pairs: dict[Pair, str] = {}
+    for mode in sorted(listing.split(), key=lambda mode: ("_" in mode, mode)):
+        sides = mode.split("-")
+        if len(sides) != 2:
+            continue  # not a translation mode (e.g. a tagger)
+        source, target = (iso639_3(side.split("_")[0]) for side in sides)
+        if source and target:
+            pairs.setdefault((source, target), mode)
+    return pairs
+
+
+def missing_apertium() -> SkillError:
+    return SkillError(f"Translation needs the apertium program, which is not installed: {APERTIUM_INSTALL} "
+                      f"(or set plugins.translate.backend: transformers).")
+
+
+class ApertiumBackend:
+    """The installed Apertium pairs; each translation is a short-lived `apertium` process."""
+
+    def __init__(self) -> None:
+        try:
+            listing = subprocess.run(["apertium", "-l"], capture_output=True, text=True, timeout=30, check=True)
+        except FileNotFoundError:
+            raise missing_apertium() from None
+        self.pairs = parse_apertium_modes(listing.stdout)
+
+    async def translate(self, text: str, mode: str, timeout: float) -> str:
+        try:
+            process = await asyncio.create_subprocess_exec(
+                "apertium", "-u", mode,
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        except FileNotFoundError:
+            raise missing_apertium() from None
+        try:
+            output, errors = await asyncio.wait_for(process.communicate(text.encode() + b"\n"), timeout)
+        except asyncio.TimeoutError:
+            process.kill()
+            await process.wait()
+            raise SkillError(f"Apertium took longer than {timeout:g} s; please send a shorter text.") from None
+        if process.returncode != 0:
+            problem = errors.decode(errors="replace").strip().splitlines()
+            raise SkillError(f"Apertium failed on {mode}: {problem[0] if problem else 'no message'}")
+        # Apertium keeps the blank of every word it moves or drops, leaving doubled spaces.
+        return re.sub(r"[ \t]{2,}", " ", output.decode(errors="replace")).strip()
+
+
+class ModelUnavailable(Exception):
+    """A transformers model that cannot be loaded; `translate` tells the user what to set instead."""
+
+
+def load_marian(source: str) -> tuple[Any, Any]:
+    """Tokenizer and model from a Hub id or a local folder (the one place that reads them)."""
+    transformers = require("transformers", "pip install transformers")
+    require("sentencepiece", "pip install sentencepiece")  # Marian tokenizers are SentencePiece models
+    tokenizer = transformers.AutoTokenizer.from_pretrained(source)
+    model = transformers.AutoModelForSeq2SeqLM.from_pretrained(source)
+    model.eval()
+    return tokenizer, model
+
+
+class MarianBackend:
+    """One MarianMT model: one language pair."""
+
+    def __init__(self, source: str) -> None:
+        try:
+            self.tokenizer, self.model = load_marian(source)
+        except (OSError, ValueError) as exc:
+            raise ModelUnavailable(exc.__class__.__name__) from None
+
+    def translate(self, text: str, max_new_tokens: int) -> str:
+        """Line by line, as the models are trained on sentences; blank lines are kept."""
+        import torch
+
+        lines = text.split("\n")
+        wanted = [line for line in lines if line.strip()]
+        batch = self.tokenizer(wanted, return_tensors="pt", padding=True, truncation=True)
+        with torch.inference_mode():
+            output = self.model.generate(**batch, max_new_tokens=max_new_tokens)
+        translated = iter(self.tokenizer.batch_decode(output, skip_special_tokens=True))
+        return "\n".join(next(translated).strip() if line.strip() else line for line in lines).strip()
+
+
+@functools.cache
+def backend_for(kind: str, model: str = "") -> Lazy[Any]:
+    """One lazily loaded backend per (kind, model), shared by every chat."""
+    if kind == "transformers":
+        return Lazy(lambda: MarianBackend(model))
+    return Lazy(ApertiumBackend)
+
+
+# ---------------------------------------------------------------- source detection
+
+def load_language_identifier() -> Any:
+    """langid's model as our own instance: `langid.set_languages` would restrict every user of the module."""
+    langid = require("langid.langid", "pip install langid")
+    return langid.LanguageIdentifier.from_modelstring(langid.model, norm_probs=True)
+
+
+LANGUAGE_IDENTIFIER: Lazy[Any] = Lazy(load_language_identifier)
+
+
+@functools.lru_cache(maxsize=32)
+def restricted_identifier(full: Any, languages: tuple[str, ...]) -> Any:
+    """A copy of `full` that only considers `languages` (set_languages changes the instance it is called on)."""
+    identifier = copy.deepcopy(full)
+    identifier.set_languages(list(languages))
+    return identifier
+
+
+async def detect_language(text: str, candidates: set[str] | None = None) -> str | None:
+    """The most likely ISO 639-3 language of `text` among `candidates` (None: any); None when langid knows none."""
+    full = await LANGUAGE_IDENTIFIER.get()
+    known = set(full.nb_classes)
+    if candidates is None:
+        label, _ = await asyncio.to_thread(full.classify, text)
+        return iso639_3(label)
+    by_langid_code = {iso639_1(code): code for code in candidates if iso639_1(code) in known}
+    if len(by_langid_code) <= 1:
+        return next(iter(by_langid_code.values()), None)
+    identifier = await asyncio.to_thread(restricted_identifier, full, tuple(sorted(by_langid_code)))
+    label, _ = await asyncio.to_thread(identifier.classify, text)
+    return by_langid_code[label]
+
+
+# ---------------------------------------------------------------- translating
+
+async def available_pairs(config: TranslateConfig) -> dict[Pair, str]:
+    """Pair -> what translates it: an Apertium mode, or a model id or folder."""
+    if config.backend == "transformers":
+        return {parse_pair(key): source for key, source in config.models.items()}
+    return (await backend_for("apertium").get()).pairs
+
+
+def pairs_list(pairs: dict[Pair, str], config: TranslateConfig) -> str:
+    if pairs:
+        return "Available pairs: " + ", ".join(show_pair(pair) for pair in sorted(pairs)) + "."
+    if config.backend == "transformers":
+        return 'No pairs are set up: add folders to plugins.translate.models, e.g. {"eng-spa": "/models/opus-mt-en-es"}.'
+    return f"No Apertium pairs are installed: {APERTIUM_INSTALL}."
+
+
+def uses_hub_models(config: TranslateConfig) -> bool:
+    """Whether pairs beyond `available_pairs` may work: transformers models named by the `model` template."""
+    return config.backend == "transformers" and bool(config.model)
+
+
+def hub_model(pair: Pair, config: TranslateConfig) -> str | None:
+    return config.model.format(src=iso639_1(pair[0]), tgt=iso639_1(pair[1])) if uses_hub_models(config) else None
+
+
+async def translate(text: str, target: str, source: str | None, config: TranslateConfig) -> str:
+    """`text` in `target` (ISO 639-3); the source language is guessed when not given."""
+    pairs = await available_pairs(config)
+    if source is None:
+        candidates = {pair[0] for pair in pairs if pair[1] == target}
+        if len(candidates) == 1:
+            source = candidates.pop()
+        elif candidates or uses_hub_models(config):
+            source = await detect_language(text, candidates or None)
+            if source is None:
+                raise SkillError(f"I can't tell which language that is; name it: /translate SRC>{target} TEXT. "
+                                 f"{pairs_list(pairs, config)}")
+        else:
+            raise SkillError(f"I can't translate into {language_name(target)}. {pairs_list(pairs, config)}")
+
+    translator = pairs.get((source, target)) or hub_model((source, target), config)
+    if translator is None or source == target:
+        raise SkillError(f"I can't translate from {language_name(source)} into {language_name(target)}. "
+                         f"{pairs_list(pairs, config)}")
+    if config.backend == "transformers":
+        try:
+            backend = await backend_for("transformers", translator).get()
+        except ModelUnavailable as exc:
+            example = f'{{"{source}-{target}": "/models/{translator.rstrip("/").rsplit("/", 1)[-1]}"}}'
+            raise SkillError(f"The translation model {translator!r} for {show_pair((source, target))} cannot be "
+                             f"loaded ({exc}). Set plugins.translate.models to a local folder, e.g. {example}. "
+                             f"{pairs_list(pairs, config)}") from None
+        return await asyncio.to_thread(backend.translate, text, config.max_new_tokens)
+    backend = await backend_for("apertium").get()
+    return await backend.translate(text, translator, config.timeout)
+
+
+async def cannot_translate(direction: str, word: str, config: TranslateConfig) -> SkillError:
+    """The refusal for a word that is no language code or name: 'I can't translate into xx. Available pairs: ...'"""
+    return SkillError(f"I can't translate {direction} {word}. {pairs_list(await available_pairs(config), config)}")
+
+
+async def translate_command(ctx: CommandContext) -> str:
+    languages, text = (ctx.args.split(None, 1) + ["", ""])[:2]
+    if not text.strip():
+        raise SkillError(f"Usage: {ctx.bot.command_prefix}translate {USAGE}, e.g. "
+                         f"{ctx.bot.command_prefix}translate es Hello or {ctx.bot.command_prefix}translate spa>eng Hola")
+    source_word, _, target_word = languages.rpartition(">")
+    target = iso639_3(target_word)
+    if target is None:
+        raise await cannot_translate("into", target_word, ctx.config)
+    source = iso639_3(source_word) if source_word else None
+    if source_word and source is None:
+        raise await cannot_translate("from", source_word, ctx.config)
+    return await translate(check_length(text, ctx.config.max_chars), target, source, ctx.config)
+
+
+@hookimpl
+def chatforge_config_model():
+    return TranslateConfig
+
+
+@hookimpl
+def chatforge_register_commands(register):
+    register("translate", translate_command, help="translate text into another language", usage=USAGE)
+
+
+@hookimpl
+def chatforge_handle_text(message: Message, config: TranslateConfig):
+    match = match_trigger(message.text, config.triggers)
+    if match is None:
+        return None
+    named = match.groupdict()
+    target = iso639_3(named["lang"]) if named.get("lang") else config.default_target
+    source = iso639_3(named["source"]) if named.get("source") else None
+    if target is None or (named.get("source") and source is None):
+        return None  # "translate into a poem: ..." is not about a language; let the model answer
+    text = match.group("text").strip().strip("\"'“”‘’«»")
+
+    async def answer() -> str:
+        return await translate(check_length(text, config.max_chars), target, source, config)
+
+    return answer()
