@@ -349,6 +349,8 @@ def chatforge_handle_text(message: Message, config: TranslateConfig):
     if target is None or (named.get("source") and source is None):
         return None  # "translate into a poem: ..." is not about a language; let the model answer
     text = match.group("text").strip().strip("\"'“”‘’«»")
+    if not text:
+        return None
 
     async def answer() -> str:
         return await translate(check_length(text, config.max_chars), target, source, config)

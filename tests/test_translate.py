@@ -1,0 +1,264 @@
+"""The translate skill: the real Apertium program, a tiny MarianMT built here, langid, the triggers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from chatforge.config import ConfigError
+from chatforge.plugins import translate
+from chatforge.testing import make_bot
+
+needs_apertium = pytest.mark.skipif(shutil.which("apertium") is None,
+                                    reason="the apertium program is not installed (apt-get install apertium apertium-eng-spa)")
+
+
+FRENCH = "Bonjour, je voudrais un café, s'il vous plaît. Merci beaucoup."  # long enough for langid
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def ask(text: str, config: dict | None = None) -> str | None:
+    return run(make_bot({"plugins": {"translate": config or {}}}).ask(text))
+
+
+@pytest.fixture(autouse=True)
+def fresh_backends():
+    """Backends are cached for the process; each test starts without them (and leaves none behind)."""
+    translate.backend_for.cache_clear()
+    yield
+    translate.backend_for.cache_clear()
+
+
+# ---------------------------------------------------------------- without a backend
+
+def test_apertium_mode_names_become_iso639_3_pairs():
+    listing = "  en-gl\n  eo-en\n  eng-spa\n  spa-eng_US\n  spa-eng\n  oci_aran-cat\n  eng-spa-tagger\n  xx-yy\n"
+    assert translate.parse_apertium_modes(listing) == {
+        ("eng", "glg"): "en-gl",
+        ("epo", "eng"): "eo-en",
+        ("eng", "spa"): "eng-spa",
+        ("spa", "eng"): "spa-eng",  # the plain mode wins over spa-eng_US
+        ("oci", "cat"): "oci_aran-cat",  # a variant is used when it is the only mode
+    }
+
+
+def test_languages_are_codes_or_english_names():
+    assert [translate.iso639_3(word) for word in ("es", "spa", "Spanish", "spanish", "EN", "fre")] == [
+        "spa", "spa", "spa", "spa", "eng", "fra"]
+    assert translate.iso639_3("xx") is None
+    assert translate.iso639_3("in") is None  # a deprecated code, and a word in "how do you say X in Y"
+
+
+def test_empty_arguments_get_the_usage():
+    assert ask("/translate") == "Usage: /translate [SRC>]TGT TEXT, e.g. /translate es Hello or /translate spa>eng Hola"
+    assert ask("/translate es").startswith("Usage: /translate [SRC>]TGT TEXT")
+
+
+def test_help_shows_the_usage_and_one_line():
+    assert "/translate [SRC>]TGT TEXT - translate text into another language" in ask("/help")
+
+
+def test_a_too_long_text_is_refused_before_translating():
+    assert ask("/translate es " + "word " * 10, {"max_chars": 20}) == (
+        "That text is 49 characters long; the limit is 20. Please send a shorter one.")
+    assert ask("translate to Spanish: " + "word " * 10, {"max_chars": 20}).startswith("That text is 49 characters long")
+
+
+def test_a_trigger_that_names_no_language_is_left_to_the_model():
+    assert ask("translate into a poem: roses are red") == "echo: translate into a poem: roses are red"
+
+
+def test_a_missing_apertium_program_says_what_to_install(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    reply = ask("/translate es Hello")
+    assert "apt-get install apertium apertium-eng-spa" in reply
+    assert "backend: transformers" in reply
+
+
+def test_bad_pair_names_in_models_are_config_errors():
+    with pytest.raises(ConfigError, match="not a language pair"):
+        make_bot({"plugins": {"translate": {"models": {"english-xx": "/somewhere"}}}})
+
+
+def test_source_detection_is_restricted_to_the_candidates_and_leaves_langid_alone():
+    import langid
+
+    assert run(translate.detect_language("Hola, ¿cómo estás? Muy bien, gracias.", {"eng", "spa"})) == "spa"
+    assert run(translate.detect_language("Hola, ¿cómo estás? Muy bien, gracias.", {"eng", "fra"})) in {"eng", "fra"}
+    assert run(translate.detect_language(FRENCH, {"fra", "spa", "eng"})) == "fra"
+    assert run(translate.detect_language("anything", {"eng"})) == "eng"
+    assert langid.classify("Guten Morgen, wie geht es dir heute?")[0] == "de"  # the module-global model is untouched
+
+
+# ---------------------------------------------------------------- apertium
+
+@needs_apertium
+def test_apertium_translates_english_into_spanish():
+    reply = ask("/translate es Hello, how are you?")
+    assert "Hola" in reply
+    assert reply != "Hello, how are you?"
+
+
+@needs_apertium
+def test_apertium_with_an_explicit_source_and_three_letter_codes():
+    assert "Hello" in ask("/translate spa>eng Hola")
+    assert "Hello" in ask("/translate Spanish>English Hola")
+
+
+@needs_apertium
+def test_the_source_language_is_found_when_not_given():
+    reply = ask("/translate en Hola, ¿cómo estás?")
+    assert "Hello" in reply and "how" in reply
+
+
+@needs_apertium
+def test_apertium_doubled_spaces_are_collapsed():
+    reply = ask("/translate es The cat is on the table.  It is   black.")
+    assert "gato" in reply and "  " not in reply
+
+
+@needs_apertium
+def test_an_unknown_language_lists_the_installed_pairs():
+    reply = ask("/translate xx hello")
+    assert reply.startswith("I can't translate into xx. Available pairs: ")
+    assert "eng→spa" in reply and "spa→eng" in reply
+    assert ask("/translate xx>es hello").startswith("I can't translate from xx. Available pairs: ")
+    assert ask("/translate zu hello").startswith("I can't translate into Zulu. Available pairs: ")
+
+
+@needs_apertium
+def test_the_natural_language_triggers():
+    assert "buenos" in ask("translate to Spanish: good morning").lower()
+    assert "hola" in ask("translate into es: hello").lower()
+    assert "buenos" in ask("how do you say 'good morning' in Spanish?").lower()
+    assert "Hello" in ask("translate from Spanish to English: Hola")
+
+
+@needs_apertium
+def test_a_trigger_without_a_language_uses_the_default_target():
+    config = {"triggers": [r"auf englisch:\s*(?P<text>.+)"], "default_target": "en"}
+    assert "Hello" in ask("auf englisch: Hola", config)
+
+
+@needs_apertium
+def test_apertium_that_takes_too_long_is_stopped():
+    assert ask("/translate es Hello", {"timeout": 0.001}) == (
+        "Apertium took longer than 0.001 s; please send a shorter text.")
+
+
+# ---------------------------------------------------------------- transformers (a tiny MarianMT)
+
+CORPUS = [
+    "hello, how are you?", "good morning, my friend", "the cat is on the table",
+    "where is the station?", "thank you very much", "I would like a coffee, please",
+    "hola, cómo estás?", "buenos días, mi amigo", "el gato está en la mesa",
+    "dónde está la estación?", "muchas gracias", "quisiera un café, por favor",
+] * 10
+
+
+@pytest.fixture(scope="module")
+def tiny_marian(tmp_path_factory) -> Path:
+    """A one-layer MarianMT with a SentencePiece vocabulary trained here, saved like an opus-mt folder.
+
+    Its weights are random: the tests check the plumbing (loading, generation, caching), not the wording.
+    """
+    import sentencepiece
+    import torch
+    from transformers import MarianConfig, MarianMTModel, MarianTokenizer
+
+    work = tmp_path_factory.mktemp("marian-parts")
+    sentencepiece.SentencePieceTrainer.train(sentence_iterator=iter(CORPUS), model_prefix=str(work / "spm"),
+                                             vocab_size=100, hard_vocab_limit=False, minloglevel=2)
+    pieces = sentencepiece.SentencePieceProcessor(model_file=str(work / "spm.model"))
+    vocab = {pieces.id_to_piece(index): index for index in range(pieces.get_piece_size())}
+    vocab["<pad>"] = len(vocab)
+    (work / "vocab.json").write_text(json.dumps(vocab))
+    tokenizer = MarianTokenizer(source_spm=str(work / "spm.model"), target_spm=str(work / "spm.model"),
+                                vocab=str(work / "vocab.json"))
+    torch.manual_seed(0)
+    config = MarianConfig(vocab_size=len(vocab), d_model=16, encoder_layers=1, decoder_layers=1,
+                          encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32,
+                          decoder_ffn_dim=32, max_position_embeddings=64, pad_token_id=tokenizer.pad_token_id,
+                          eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id,
+                          forced_eos_token_id=tokenizer.eos_token_id)
+    folder = tmp_path_factory.mktemp("tiny-marian")
+    tokenizer.save_pretrained(folder)
+    MarianMTModel(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def loads(monkeypatch) -> list[str]:
+    """Every model the plugin loads, in order."""
+    loaded: list[str] = []
+    real_load = translate.load_marian
+
+    def counting_load(source: str):
+        loaded.append(source)
+        return real_load(source)
+
+    monkeypatch.setattr(translate, "load_marian", counting_load)
+    return loaded
+
+
+def marian_config(models: dict, **more) -> dict:
+    return {"backend": "transformers", "models": models, "max_new_tokens": 8, **more}
+
+
+def test_transformers_translates_with_the_configured_folder_and_loads_it_once(tiny_marian, loads):
+    from transformers import MarianMTModel, MarianTokenizer
+
+    tokenizer = MarianTokenizer.from_pretrained(tiny_marian)
+    model = MarianMTModel.from_pretrained(tiny_marian)
+    output = model.generate(**tokenizer(["Hello, how are you?"], return_tensors="pt"), max_new_tokens=8)
+    expected = tokenizer.decode(output[0], skip_special_tokens=True).strip()
+
+    bot = make_bot({"plugins": {"translate": marian_config({"eng-spa": str(tiny_marian)})}})
+
+    async def talk():
+        return await bot.ask("/translate es Hello, how are you?"), await bot.ask("/translate eng>spa Hello, how are you?")
+
+    first, second = run(talk())
+    assert expected and first == expected and second == expected
+    assert first != "Hello, how are you?"
+    assert loads == [str(tiny_marian)]
+
+
+def test_transformers_lists_the_configured_pairs_for_other_languages(tiny_marian):
+    config = marian_config({"en-es": str(tiny_marian)}, model="")
+    assert ask("/translate xx hello", config) == "I can't translate into xx. Available pairs: eng→spa."
+    assert ask("/translate fr hello", config) == "I can't translate into French. Available pairs: eng→spa."
+
+
+def test_a_hub_model_missing_offline_says_to_set_a_local_folder(tiny_marian, loads):
+    reply = ask("/translate eng>fra hello", marian_config({"eng-spa": str(tiny_marian)}))
+    assert reply.startswith("The translation model 'Helsinki-NLP/opus-mt-en-fr' for eng→fra cannot be loaded (OSError). "
+                            "Set plugins.translate.models to a local folder")
+    assert reply.endswith("Available pairs: eng→spa.")
+    assert loads == ["Helsinki-NLP/opus-mt-en-fr"]
+
+
+def test_transformers_detects_the_source_among_the_models_for_the_target(tiny_marian, tmp_path, loads):
+    from_french = shutil.copytree(tiny_marian, tmp_path / "fr-en")
+    bot = make_bot({"plugins": {"translate": marian_config({"spa-eng": str(tiny_marian), "fra-eng": str(from_french)})}})
+
+    async def talk():
+        await bot.ask("/translate en Hola, ¿cómo estás? Muy bien, gracias.")
+        await bot.ask(f"/translate en {FRENCH}")
+
+    run(talk())
+    assert loads == [str(tiny_marian), str(from_french)]
+
+
+def test_a_missing_python_package_names_the_pip_install(tiny_marian, monkeypatch):
+    monkeypatch.setitem(sys.modules, "sentencepiece", None)  # makes `import sentencepiece` fail
+    reply = ask("/translate es hello", marian_config({"eng-spa": str(tiny_marian)}))
+    assert reply == ("This needs the Python package 'sentencepiece', which is not installed: pip install sentencepiece")
