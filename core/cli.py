@@ -7,6 +7,7 @@ import asyncio
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from . import __version__
@@ -37,6 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--adapter", "-a", action="append", metavar="NAME", help="start this adapter (repeatable)")
     commands.add_parser("plugins", parents=[common], help="list plugins, their hooks, commands and errors",
                         description="List every plugin found, where it came from, its hooks and commands, and load errors.")
+    scaffold = commands.add_parser("new-plugin", help="create a plugin package to start from",
+                                   description="Create an installable plugin package with one command, "
+                                               "one free-text handler, a README and tests that pass as generated.")
+    scaffold.add_argument("name", metavar="NAME", help="plugin and command name, e.g. dice")
+    scaffold.add_argument("--dir", metavar="PATH", default=".", help="where to create the NAME folder (default: here)")
     config = commands.add_parser("config", help="config file tools", description="Config file tools.")
     config_commands = config.add_subparsers(dest="config_command", metavar="ACTION", required=True)
     config_commands.add_parser("check", parents=[common], help="validate a config file and say where it is wrong",
@@ -48,6 +54,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     verbose = getattr(args, "verbose", 0) or 0
     strict = getattr(args, "strict", False)
+    if args.command == "new-plugin":
+        return new_plugin(args.name, Path(args.dir))
     try:
         settings = load_settings(find_config_file(getattr(args, "config", None)))
         configure_logging(settings, verbose)
@@ -66,6 +74,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILURE
     except KeyboardInterrupt:
         return EXIT_OK
+
+
+def new_plugin(name: str, parent: Path) -> int:
+    from .scaffold import ScaffoldError, create_plugin
+
+    try:
+        folder = create_plugin(name, parent)
+    except ScaffoldError as exc:
+        print(f"chatforge: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    print(f"Created {folder}. Next:\n"
+          f"  pip install -e {folder}\n"
+          f"  pytest {folder}\n"
+          f"  chatforge chat     # then type /{folder.name}")
+    return EXIT_OK
 
 
 def configure_logging(settings: Settings, verbose: int) -> None:

@@ -128,8 +128,17 @@ class PluginHost:
         if section is not None and not section.enabled:
             info.enabled = False
             return
+        missing = _missing_requirements(meta.get("distribution"))
+        if missing:
+            self._fail(info, "import", f"needs {', '.join(missing)}, not installed or at another version: "
+                                       f"pip install {' '.join(repr(r) for r in missing)}")
+            return
         try:
             plugin = importer()
+        except ModuleNotFoundError as exc:
+            self._fail(info, "import", f"needs the module {exc.name!r}, which is not installed "
+                                       f"(pip install the package that provides it, often: pip install {exc.name})", exc)
+            return
         except Exception as exc:  # noqa: BLE001 - any import failure is the plugin's
             self._fail(info, "import", _describe(exc), exc)
             return
@@ -287,8 +296,8 @@ class PluginHost:
             args.append(value.value_for(impl.plugin_name) if isinstance(value, PerPlugin) else value)
         try:
             return True, impl.function(*args)
-        except SkillError:
-            raise  # a message for the user, handled by the engine
+        except (SkillError, PluginError):
+            raise  # a message for the user (handled by the engine), or strict mode's stop
         except Exception as exc:  # noqa: BLE001 - isolating plugin faults is the point
             self.report(impl.plugin_name, hook_name, exc)
             return False, None
@@ -309,6 +318,30 @@ class PluginHost:
     @property
     def failures(self) -> list[PluginInfo]:
         return [info for info in self.infos.values() if info.errors]
+
+
+def _missing_requirements(distribution: str | None) -> list[str]:
+    """The requirements an installed plugin declares that are absent or at a wrong version."""
+    if not distribution:
+        return []
+    from packaging.requirements import InvalidRequirement, Requirement
+
+    missing = []
+    for line in importlib.metadata.requires(distribution) or []:
+        try:
+            requirement = Requirement(line)
+        except InvalidRequirement:
+            continue
+        if requirement.marker is not None and not requirement.marker.evaluate({"extra": ""}):
+            continue  # optional (an extra) or for another platform
+        try:
+            installed = importlib.metadata.version(requirement.name)
+        except importlib.metadata.PackageNotFoundError:
+            missing.append(str(requirement))
+            continue
+        if requirement.specifier and not requirement.specifier.contains(installed, prereleases=True):
+            missing.append(str(requirement))
+    return missing
 
 
 def _describe(exc: BaseException) -> str:

@@ -2,15 +2,18 @@
 
     from chatforge.testing import make_bot
 
-    async def test_hello():
+    def test_hello():
         bot = make_bot(plugins={"hello": my_plugin_module})
-        assert await bot.ask("/hello") == "Hello!"
+        assert bot.ask("/hello") == "Hello!"
 
-No model, no network, no files: memory lives in the process.
+No model, no network, no files: memory lives in the process. With chatforge
+installed, pytest also gets the fixtures `chatforge_bot`, `fake_generator` and
+`chatforge_config` (see `chatforge.pytest_plugin`).
 """
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -52,7 +55,11 @@ class FakeGenerator:
 
 @dataclass
 class TestBot:
-    """An engine plus helpers to talk to it as a given user in a given chat."""
+    """A bot to talk to in tests, as a test adapter would: `bot.ask("/roll")` returns the reply's text.
+
+    `ask`/`send` run on the bot's own event loop and return when the reply is
+    ready; inside an async test use `ask_async`/`send_async` instead.
+    """
 
     __test__ = False  # not a pytest test class
 
@@ -60,18 +67,42 @@ class TestBot:
     generator: Any
     memory: MemoryStore
     defaults: dict[str, Any] = field(default_factory=dict)
+    _loop: asyncio.AbstractEventLoop | None = field(default=None, repr=False)
 
     def message(self, text: str, **fields: Any) -> Message:
+        """The Message an adapter would build; `fields` override the defaults (user, chat, platform...)."""
         return Message(text=text, **{**self.defaults, **fields})
 
-    async def send(self, text: str, **fields: Any) -> Reply | None:
-        """Send one message; returns the Reply (None for a deliberate silence)."""
+    async def send_async(self, text: str, **fields: Any) -> Reply | None:
         return await self.engine.handle(self.message(text, **fields))
 
-    async def ask(self, text: str, **fields: Any) -> str | None:
-        """Send one message; returns the reply's text (None for silence)."""
-        reply = await self.send(text, **fields)
+    async def ask_async(self, text: str, **fields: Any) -> str | None:
+        reply = await self.send_async(text, **fields)
         return reply.text if reply is not None else None
+
+    def send(self, text: str, **fields: Any) -> Reply | None:
+        """Send one message; returns the Reply (None for a deliberate silence)."""
+        return self._run(self.send_async(text, **fields))
+
+    def ask(self, text: str, **fields: Any) -> str | None:
+        """Send one message; returns the reply's text (None for a deliberate silence)."""
+        return self._run(self.ask_async(text, **fields))
+
+    def history(self, **fields: Any) -> list[Turn]:
+        """What the bot remembers of the conversation these message fields belong to."""
+        return self.engine.history(self.message("", **fields))
+
+    def close(self) -> None:
+        """Run the plugins' shutdown hooks and release the loop."""
+        self._run(self.engine.close())
+        if self._loop is not None:
+            self._loop.close()
+            self._loop = None
+
+    def _run(self, coroutine: Any) -> Any:
+        if self._loop is None:
+            self._loop = asyncio.new_event_loop()
+        return self._loop.run_until_complete(coroutine)
 
 
 def make_bot(
@@ -98,4 +129,6 @@ def make_bot(
     generator = generator if generator is not None else FakeGenerator()
     memory = memory if memory is not None else InMemoryMemory()
     engine = create_engine(settings, host, generator=generator, memory=memory)
-    return TestBot(engine, generator, memory, message_defaults)
+    defaults = {"platform": "test", "chat": "test-chat", "user": "tester", "display_name": "Tester",
+                **message_defaults}
+    return TestBot(engine, generator, memory, defaults)

@@ -25,8 +25,8 @@ def test_free_text_goes_to_the_generator_with_history():
     bot = make_bot()
 
     async def talk():
-        first = await bot.ask("hello")
-        second = await bot.ask("again")
+        first = await bot.ask_async("hello")
+        second = await bot.ask_async("again")
         return first, second
 
     assert run(talk()) == ("echo: hello", "echo: again")
@@ -37,8 +37,8 @@ def test_free_text_goes_to_the_generator_with_history():
 
 def test_empty_and_blank_messages_are_a_deliberate_silence():
     bot = make_bot()
-    assert run(bot.ask("")) is None
-    assert run(bot.ask("   \n\t ")) is None
+    assert bot.ask("") is None
+    assert bot.ask("   \n\t ") is None
     assert bot.generator.calls == []
 
 
@@ -47,7 +47,7 @@ def test_help_lists_every_command_with_its_help():
     def chatforge_register_commands(register):
         register("dice", lambda ctx: "4", help="roll a die", usage="[SIDES]")
 
-    text = run(make_bot(plugins={"dice": plugin(chatforge_register_commands=chatforge_register_commands)}).ask("/help"))
+    text = make_bot(plugins={"dicey": plugin(chatforge_register_commands=chatforge_register_commands)}).ask("/help")
     assert "/dice [SIDES] - roll a die" in text
     assert "/help - list the commands" in text
     assert "/history" in text and "/reset" in text
@@ -57,12 +57,12 @@ def test_history_and_reset_cover_only_this_conversation():
     bot = make_bot()
 
     async def talk():
-        await bot.ask("I am Ann", user="ann")
-        await bot.ask("I am Bob", user="bob")
-        shown = await bot.ask("/history", user="ann")
-        reset = await bot.ask("/reset", user="ann")
-        after = await bot.ask("/history", user="ann")
-        bob = await bot.ask("/history", user="bob")
+        await bot.ask_async("I am Ann", user="ann")
+        await bot.ask_async("I am Bob", user="bob")
+        shown = await bot.ask_async("/history", user="ann")
+        reset = await bot.ask_async("/reset", user="ann")
+        after = await bot.ask_async("/history", user="ann")
+        bob = await bot.ask_async("/history", user="bob")
         return shown, reset, after, bob
 
     shown, reset, after, bob = run(talk())
@@ -74,16 +74,16 @@ def test_history_and_reset_cover_only_this_conversation():
 
 def test_commands_are_not_remembered_as_conversation():
     bot = make_bot()
-    run(bot.ask("/help"))
-    assert run(bot.ask("/history")) == "I don't remember anything of this conversation yet."
+    bot.ask("/help")
+    assert bot.ask("/history") == "I don't remember anything of this conversation yet."
 
 
 def test_memory_scope_chat_shares_one_memory_between_users():
     bot = make_bot({"memory": {"scope": "chat"}}, chat="group", direct=False)
 
     async def talk():
-        await bot.ask("from ann", user="ann")
-        await bot.ask("from bob", user="bob")
+        await bot.ask_async("from ann", user="ann")
+        await bot.ask_async("from bob", user="bob")
 
     run(talk())
     history, _ = bot.generator.calls[-1]
@@ -94,9 +94,9 @@ def test_memory_is_separate_per_thread_and_platform():
     bot = make_bot()
 
     async def talk():
-        await bot.ask("in thread 1", thread="1")
-        await bot.ask("in thread 2", thread="2")
-        await bot.ask("on telegram", platform="telegram")
+        await bot.ask_async("in thread 1", thread="1")
+        await bot.ask_async("in thread 2", thread="2")
+        await bot.ask_async("on telegram", platform="telegram")
 
     run(talk())
     assert all(history == [] for history, _ in bot.generator.calls)
@@ -107,7 +107,7 @@ def test_max_turns_limits_the_history_given_to_the_model():
 
     async def talk():
         for i in range(5):
-            await bot.ask(f"line {i}")
+            await bot.ask_async(f"line {i}")
 
     run(talk())
     history, _ = bot.generator.calls[-1]
@@ -115,7 +115,7 @@ def test_max_turns_limits_the_history_given_to_the_model():
 
 
 def test_unknown_command_suggests_the_closest_one():
-    assert run(make_bot().ask("/hepl")) == "Unknown command /hepl. Did you mean /help? Send /help for the list."
+    assert make_bot().ask("/hepl") == "Unknown command /hepl. Did you mean /help? Send /help for the list."
 
 
 def test_preprocess_can_rewrite_or_answer_before_anything_else():
@@ -126,8 +126,8 @@ def test_preprocess_can_rewrite_or_answer_before_anything_else():
         return message.replace(text=message.text.replace("colour", "color"))
 
     bot = make_bot(plugins={"filter": plugin(chatforge_preprocess=chatforge_preprocess)})
-    assert run(bot.ask("the secret code")) == "I won't talk about that."
-    assert run(bot.ask("favourite colour")) == "echo: favourite color"
+    assert bot.ask("the secret code") == "I won't talk about that."
+    assert bot.ask("favourite colour") == "echo: favourite color"
     assert len(bot.generator.calls) == 1
 
 
@@ -151,10 +151,10 @@ def test_first_free_text_handler_wins_and_may_be_async():
 
     last = plugin(chatforge_handle_text=chatforge_handle_text_last)
     bot = make_bot(plugins={"weather": plugin(chatforge_handle_text=chatforge_handle_text), "last": last})
-    assert run(bot.ask("what's the weather?")) == "sunny"
+    assert bot.ask("what's the weather?") == "sunny"
     assert calls == ["weather"]
-    assert run(bot.ask("please claim this")) == "claimed by the last one"
-    assert run(bot.ask("nobody wants this")) == "echo: nobody wants this"
+    assert bot.ask("please claim this") == "claimed by the last one"
+    assert bot.ask("nobody wants this") == "echo: nobody wants this"
     assert bot.generator.calls[-1][1] == "nobody wants this"
 
 
@@ -164,10 +164,10 @@ def test_postprocess_rewrites_the_reply_before_it_is_remembered():
         return reply.text.upper()
 
     bot = make_bot(plugins={"shout": plugin(chatforge_postprocess=chatforge_postprocess)})
-    assert run(bot.ask("hi")) == "ECHO: HI"
+    assert bot.ask("hi") == "ECHO: HI"
     remembered = bot.engine.history(bot.message("x"))
     assert [t.text for t in remembered] == ["hi", "ECHO: HI"]
-    assert run(bot.ask("/help")).startswith("COMMANDS:")  # commands' replies pass through it too
+    assert bot.ask("/help").startswith("COMMANDS:")  # commands' replies pass through it too
 
 
 def test_a_failing_command_is_an_apology_naming_the_plugin(caplog):
@@ -177,11 +177,11 @@ def test_a_failing_command_is_an_apology_naming_the_plugin(caplog):
 
     bot = make_bot(plugins={"bomb": plugin(chatforge_register_commands=chatforge_register_commands)}, strict=False)
     with caplog.at_level(logging.ERROR):
-        text = run(bot.ask("/boom"))
+        text = bot.ask("/boom")
     assert text == "Sorry, something went wrong while answering (the bomb plugin failed). Please try again."
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1 and "'bomb'" in errors[0] and "ZeroDivisionError" in errors[0]
-    assert run(bot.ask("still there?")) == "echo: still there?"
+    assert bot.ask("still there?") == "echo: still there?"
 
 
 def test_a_failing_async_handler_is_an_apology(caplog):
@@ -193,7 +193,7 @@ def test_a_failing_async_handler_is_an_apology(caplog):
 
     bot = make_bot(plugins={"flaky": plugin(chatforge_handle_text=chatforge_handle_text)}, strict=False)
     with caplog.at_level(logging.ERROR):
-        assert "the flaky plugin failed" in run(bot.ask("hi"))
+        assert "the flaky plugin failed" in bot.ask("hi")
     assert any("backend down" in r.getMessage() and "'flaky'" in r.getMessage() for r in caplog.records)
 
 
@@ -204,7 +204,7 @@ def test_a_hook_that_raises_is_skipped_and_the_chat_goes_on(caplog):
 
     bot = make_bot(plugins={"broken": plugin(chatforge_preprocess=chatforge_preprocess)}, strict=False)
     with caplog.at_level(logging.ERROR):
-        assert run(bot.ask("hi")) == "echo: hi"
+        assert bot.ask("hi") == "echo: hi"
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1 and "'broken'" in errors[0] and "broken filter" in errors[0]
     assert bot.engine.host.infos["broken"].errors
@@ -216,7 +216,7 @@ def test_generator_failure_is_an_apology_and_is_not_remembered(caplog):
 
     bot = make_bot(generator=FakeGenerator(explode))
     with caplog.at_level(logging.ERROR):
-        assert run(bot.ask("hi")) == "Sorry, something went wrong while answering (the generator failed). Please try again."
+        assert bot.ask("hi") == "Sorry, something went wrong while answering (the generator failed). Please try again."
     assert any("generator failed" in r.getMessage() for r in caplog.records)
     assert bot.memory.recent(bot.engine.conversation(bot.message("x")), 10) == []
 
@@ -229,7 +229,7 @@ def test_memory_failure_still_delivers_the_reply(caplog):
 
     bot.memory.add = full_disk
     with caplog.at_level(logging.ERROR):
-        assert run(bot.ask("hi")) == "echo: hi"
+        assert bot.ask("hi") == "echo: hi"
     assert any("No space left" in r.getMessage() for r in caplog.records)
 
 
@@ -284,13 +284,13 @@ def test_command_handler_gets_args_message_and_config():
     def chatforge_register_commands(register, config):
         async def roll(ctx):
             return f"{ctx.message.user} rolled {ctx.args or 'nothing'} on d{ctx.config.sides} (d{config.sides})"
-        register("roll", roll, help="roll dice", usage="N")
+        register("throw", roll, help="roll dice", usage="N")
 
-    bot = make_bot({"plugins": {"dice": {"sides": 20}}},
-                   plugins={"dice": plugin(chatforge_config_model=chatforge_config_model,
+    bot = make_bot({"plugins": {"dicey": {"sides": 20}}},
+                   plugins={"dicey": plugin(chatforge_config_model=chatforge_config_model,
                                            chatforge_register_commands=chatforge_register_commands)})
-    assert run(bot.ask("/roll 2", user="ann")) == "ann rolled 2 on d20 (d20)"
-    assert run(bot.ask("/ROLL@chatforge_bot", user="bob")) == "bob rolled nothing on d20 (d20)"
+    assert bot.ask("/throw 2", user="ann") == "ann rolled 2 on d20 (d20)"
+    assert bot.ask("/THROW@chatforge_bot", user="bob") == "bob rolled nothing on d20 (d20)"
 
 
 def test_a_command_decides_whether_its_reply_is_remembered():
@@ -302,6 +302,6 @@ def test_a_command_decides_whether_its_reply_is_remembered():
         register("plain", lambda ctx: "not remembered", help="answer plainly")
 
     bot = make_bot(plugins={"notes": plugin(chatforge_register_commands=chatforge_register_commands)})
-    run(bot.ask("/note buy milk"))
-    run(bot.ask("/plain"))
+    bot.ask("/note buy milk")
+    bot.ask("/plain")
     assert [t.text for t in bot.engine.history(bot.message("x"))] == ["/note buy milk", "noted: buy milk"]

@@ -105,7 +105,9 @@ def test_a_plugin_that_fails_to_import_is_reported_and_skipped(tmp_path, caplog)
         host, issues = host_for(config)
     assert issues == []
     assert not host.infos["broken"].loaded
-    assert "ModuleNotFoundError" in host.infos["broken"].errors[0]
+    assert host.infos["broken"].errors == [
+        "import: needs the module 'this_package_does_not_exist', which is not installed "
+        "(pip install the package that provides it, often: pip install this_package_does_not_exist)"]
     assert any("'broken'" in r.getMessage() and "import" in r.getMessage() for r in caplog.records)
     assert host.infos["core"].loaded  # everything else still works
 
@@ -192,3 +194,50 @@ def test_two_plugins_cannot_claim_one_command_name(caplog):
 def test_make_bot_rejects_bad_plugin_config():
     with pytest.raises(ConfigError, match="generator.max_new_tokens: must be a positive integer"):
         make_bot({"generator": {"max_new_tokens": 0}})
+
+
+def fake_distribution(site: Path, name: str, module_source: str, requires: list[str] = ()) -> None:
+    """An installed distribution (dist-info + module) with a `chatforge` entry point."""
+    module = name.replace("-", "_")
+    site.mkdir(parents=True, exist_ok=True)
+    (site / f"{module}.py").write_text(module_source)
+    dist_info = site / f"{module}-0.3.0.dist-info"
+    dist_info.mkdir(parents=True)
+    metadata = f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.3.0\n"
+    metadata += "".join(f"Requires-Dist: {requirement}\n" for requirement in requires)
+    (dist_info / "METADATA").write_text(metadata)
+    (dist_info / "entry_points.txt").write_text(f"[chatforge]\n{module} = {module}\n")
+
+
+def test_a_missing_declared_dependency_is_named_with_its_install_command(tmp_path, monkeypatch):
+    site = tmp_path / "site"
+    fake_distribution(site, "cf-needy", GOOD_PLUGIN, requires=["surely-not-installed-pkg>=1.0",
+                                                             "pluggy>=1", "win-only; sys_platform == 'win32'",
+                                                             "extra-only; extra == 'docs'"])
+    monkeypatch.syspath_prepend(str(site))
+    host, _ = host_for(write_config(tmp_path, "{}"))
+    assert host.infos["cf_needy"].errors == [
+        "import: needs surely-not-installed-pkg>=1.0, not installed or at another version: "
+        "pip install 'surely-not-installed-pkg>=1.0'"]
+    assert "cf_needy" not in sys.modules  # never imported
+
+
+def test_plugins_command_lists_an_entry_point_that_raises_and_chat_still_runs(cli, tmp_path, tiny_gpt2):
+    site = tmp_path / "site"
+    fake_distribution(site, "cf-crashy", "raise RuntimeError('boom at import')\n")
+    config = write_config(tmp_path, f"generator:\n  model: {tiny_gpt2}\nmemory:\n  backend: memory\n")
+    env = {"PYTHONPATH": str(site)}
+    listing = cli("plugins", "-c", str(config), env=env)
+    assert listing.returncode == 0
+    assert "cf_crashy  [entry point: cf-crashy 0.3.0 (cf_crashy)]" in listing.stdout
+    assert "  error:    import: RuntimeError: boom at import (at cf_crashy.py:1)" in listing.stdout
+    chat = cli("chat", "-c", str(config), stdin="/reset\n", env=env)
+    assert chat.returncode == 0 and "nothing to forget" in chat.stdout
+    assert "plugin 'cf_crashy' failed in import: RuntimeError: boom at import" in chat.stderr
+
+
+def test_plugins_command_shows_the_installed_example_with_its_distribution(cli, tmp_path):
+    pytest.importorskip("chatforge_dice", reason="make setup installs examples/dice")
+    listing = cli("plugins", "-c", str(write_config(tmp_path, "{}")))
+    assert "dice  [entry point: chatforge-dice 0.1.0 (chatforge_dice)]" in listing.stdout
+    assert "  commands: /roll, /rolls" in listing.stdout

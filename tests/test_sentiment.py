@@ -10,7 +10,7 @@ from chatforge.testing import make_bot
 
 
 def ask(bot, text, **fields):
-    return asyncio.run(bot.ask(text, **fields))
+    return bot.ask(text, **fields)
 
 
 @pytest.fixture(scope="module")

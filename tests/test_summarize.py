@@ -26,7 +26,7 @@ SENTENCES = [s.strip() for s in PARAGRAPH.replace(". ", ".\n").splitlines()]
 
 
 def ask(bot, text):
-    return asyncio.run(bot.ask(text))
+    return bot.ask(text)
 
 
 def chosen_sentences(summary: str) -> list[str]:

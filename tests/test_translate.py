@@ -26,7 +26,7 @@ def run(coro):
 
 
 def ask(text: str, config: dict | None = None) -> str | None:
-    return run(make_bot({"plugins": {"translate": config or {}}}).ask(text))
+    return make_bot({"plugins": {"translate": config or {}}}).ask(text)
 
 
 @pytest.fixture(autouse=True)
@@ -224,7 +224,7 @@ def test_transformers_translates_with_the_configured_folder_and_loads_it_once(ti
     bot = make_bot({"plugins": {"translate": marian_config({"eng-spa": str(tiny_marian)})}})
 
     async def talk():
-        return await bot.ask("/translate es Hello, how are you?"), await bot.ask("/translate eng>spa Hello, how are you?")
+        return await bot.ask_async("/translate es Hello, how are you?"), await bot.ask_async("/translate eng>spa Hello, how are you?")
 
     first, second = run(talk())
     assert expected and first == expected and second == expected
@@ -251,8 +251,8 @@ def test_transformers_detects_the_source_among_the_models_for_the_target(tiny_ma
     bot = make_bot({"plugins": {"translate": marian_config({"spa-eng": str(tiny_marian), "fra-eng": str(from_french)})}})
 
     async def talk():
-        await bot.ask("/translate en Hola, ¿cómo estás? Muy bien, gracias.")
-        await bot.ask(f"/translate en {FRENCH}")
+        await bot.ask_async("/translate en Hola, ¿cómo estás? Muy bien, gracias.")
+        await bot.ask_async(f"/translate en {FRENCH}")
 
     run(talk())
     assert loads == [str(tiny_marian), str(from_french)]
