@@ -4,15 +4,41 @@ An adapter turns platform events into `Message`s, hands them to the engine
 and sends the replies back. It is registered by a plugin through the
 `chatforge_register_adapters` hook and configured under `adapters.<name>`,
 validated by its `Config` model.
+
+Lifecycle: `chatforge run` calls `run()` for every enabled adapter side by
+side; on SIGINT or SIGTERM it calls `stop()`, waits (bounded by
+`bot.shutdown_timeout`) for `run()` to return, then closes the memory.
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+import asyncio
+from typing import Any, ClassVar, Coroutine
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from .engine import Engine
+
+
+class AdapterError(Exception):
+    """A problem the operator must fix in the config (a missing or rejected token...).
+
+    `chatforge run` exits with status 2 and this message; it names the config
+    path and never contains a secret.
+    """
+
+
+class PlatformConfig(BaseModel):
+    """Settings every chat-platform adapter has; subclass it for `adapters.<name>`."""
+
+    model_config = ConfigDict(extra="forbid")
+    enabled: bool = False
+    token: SecretStr = SecretStr("")
+    """The bot's token; keep it in the environment: token: ${DISCORD_TOKEN}. Never logged."""
+    stream: bool = False
+    """Send the first words at once, then edit the message as the model writes."""
+    stream_interval: float = Field(1.5, gt=0)
+    """Seconds between edits while streaming (Telegram refuses more than about one a second)."""
 
 
 class Adapter:
@@ -22,10 +48,31 @@ class Adapter:
     def __init__(self, engine: Engine, config: Any) -> None:
         self.engine = engine
         self.config = config
+        self.in_flight: set[asyncio.Task] = set()
 
     async def run(self) -> None:
         """Serve until the platform connection ends or `stop()` is called."""
         raise NotImplementedError
 
     async def stop(self) -> None:
-        """Stop receiving; let replies in flight finish."""
+        """Stop receiving; `run()` should return once the replies in flight are sent."""
+
+    def track(self, coroutine: Coroutine[Any, Any, Any]) -> asyncio.Task:
+        """Run the handling of one message as a task that `wait_in_flight` waits for."""
+        task = asyncio.create_task(coroutine)
+        self.in_flight.add(task)
+        task.add_done_callback(self.in_flight.discard)
+        return task
+
+    async def wait_in_flight(self) -> None:
+        """Wait for the replies being worked on (the caller bounds how long)."""
+        if self.in_flight:
+            await asyncio.gather(*self.in_flight, return_exceptions=True)
+
+    def require_token(self) -> str:
+        """The token's value, or an AdapterError naming the config key (never the value)."""
+        token = self.config.token.get_secret_value().strip()
+        if not token:
+            raise AdapterError(f"adapters.{self.name}.token: no token is set; put it in the environment "
+                               f"and reference it, e.g. token: ${{{self.name.upper()}_TOKEN}}")
+        return token
