@@ -54,8 +54,9 @@ class ConsoleAdapter(Adapter):
         self._stopping = True
 
     async def _pipe(self) -> None:
+        lines = await _stdin_lines()
         while not self._stopping:
-            line = await asyncio.to_thread(sys.stdin.readline)
+            line = await lines()
             if not line:
                 return
             reply = await self.engine.handle(self.message(line.rstrip("\r\n")))
@@ -94,6 +95,22 @@ class ConsoleAdapter(Adapter):
                 print(flush=True)
             elif reply is not None:
                 print(f"{bot}> {reply.text}", flush=True)
+
+
+async def _stdin_lines():
+    """A `readline` for stdin that does not block the event loop (nor shutdown, on a pipe)."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=2**22)
+    try:
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    except (ValueError, OSError):  # a regular file: reading it never waits long
+        async def from_thread() -> str:
+            return await asyncio.to_thread(sys.stdin.readline)
+        return from_thread
+
+    async def from_pipe() -> str:
+        return (await reader.readline()).decode("utf-8", errors="replace")
+    return from_pipe
 
 
 def _login_name() -> str:

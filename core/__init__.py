@@ -11,6 +11,7 @@ See docs/plugins.md for a guide and the hook reference.
 from __future__ import annotations
 
 from .commands import CommandContext
+from .config import ConfigError
 from .config import StrictModel as PluginConfig
 from .hookspecs import PROJECT_NAME, hookimpl
 from .memory import Turn
@@ -22,6 +23,7 @@ __version__ = "0.1.0"
 __all__ = [
     "PROJECT_NAME",
     "CommandContext",
+    "ConfigError",
     "Lazy",
     "SkillError",
     "Trigger",

@@ -7,21 +7,28 @@ import logging
 import signal
 from typing import Iterable
 
+from .adapter import Adapter, AdapterError
 from .config import ConfigError, ConfigIssue, Settings
 from .engine import Engine
 from .generator import TextGenerator, TransformersGenerator
 from .memory import InMemoryMemory, MemoryStore, SQLiteMemory
 from .plugin_manager import PluginHost
+from . import redaction
 
 log = logging.getLogger("chatforge")
 
 
 def load_plugins(settings: Settings, strict: bool = False) -> PluginHost:
-    """Load and configure every plugin; raise ConfigError when a plugin's section is wrong."""
+    """Load and configure every plugin; raise ConfigError when a plugin's section is wrong.
+
+    Every secret in the plugins' and adapters' config (SecretStr values) is
+    registered with the log redactor before anything can log it.
+    """
     host = PluginHost(settings, strict=strict)
     issues = host.load()
     if issues:
         raise ConfigError(issues, settings.filename)
+    redaction.REDACTOR.add(redaction.secrets_in(host.adapter_configs) + redaction.secrets_in(host.configs))
     return host
 
 
@@ -69,28 +76,58 @@ def choose_adapters(settings: Settings, host: PluginHost, names: Iterable[str] |
 
 
 async def serve(engine: Engine, adapter_names: list[str]) -> None:
-    """Run the adapters side by side around one engine until they end or a signal stops them."""
+    """Run the adapters side by side around one engine until they end or SIGINT/SIGTERM stops them.
+
+    On a signal every adapter is asked to stop and given `bot.shutdown_timeout`
+    seconds to send the replies in flight; then the engine closes the memory.
+    An AdapterError (a missing or rejected token) stops everything and is raised.
+    """
     host = engine.host
     adapters = [host.adapters[name](engine, host.adapter_configs.get(name)) for name in adapter_names]
     loop = asyncio.get_running_loop()
-    tasks = [asyncio.create_task(adapter.run(), name=f"adapter:{adapter.name}") for adapter in adapters]
-
-    def request_stop() -> None:
-        for adapter in adapters:
-            asyncio.create_task(adapter.stop())
-
-    for signum in (signal.SIGTERM,):
+    stop_requested = asyncio.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
         try:
-            loop.add_signal_handler(signum, request_stop)
-        except (NotImplementedError, RuntimeError):
-            pass
+            loop.add_signal_handler(signum, stop_requested.set)
+        except (NotImplementedError, RuntimeError, ValueError):
+            pass  # not the main thread, or not a Unix loop
+    running = {asyncio.create_task(adapter.run(), name=f"adapter:{adapter.name}"): adapter for adapter in adapters}
+    stopper = asyncio.create_task(stop_requested.wait())
+    fatal: AdapterError | None = None
     try:
-        for finished in asyncio.as_completed(tasks):
-            try:
-                await finished
-            except Exception:  # noqa: BLE001 - one platform failing leaves the others serving
-                log.exception("an adapter stopped with an error")
+        while running and not stop_requested.is_set():
+            done, _ = await asyncio.wait([*running, stopper], return_when=asyncio.FIRST_COMPLETED)
+            for task in done - {stopper}:
+                adapter = running.pop(task)
+                error = None if task.cancelled() else task.exception()
+                if isinstance(error, AdapterError):
+                    fatal = error
+                    stop_requested.set()
+                elif error is not None:
+                    log.error("the %s adapter stopped: %s: %s", adapter.name, type(error).__name__, error)
     finally:
-        for task in tasks:
-            task.cancel()
+        stopper.cancel()
+        await _stop_adapters(running, engine.settings.bot.shutdown_timeout)
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            try:
+                loop.remove_signal_handler(signum)
+            except (NotImplementedError, RuntimeError, ValueError):
+                pass
         await engine.close()
+    if fatal is not None:
+        raise fatal
+
+
+async def _stop_adapters(running: dict[asyncio.Task, Adapter], timeout: float) -> None:
+    """Ask each running adapter to stop; cancel what has not finished after `timeout` seconds."""
+    if not running:
+        return
+    stopping = [asyncio.create_task(adapter.stop()) for adapter in running.values()]
+    done, pending = await asyncio.wait([*running, *stopping], timeout=timeout)
+    for task in pending:
+        log.warning("stopping: %s did not finish within %s s; cancelling it", task.get_name(), timeout)
+        task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+    for task in done:
+        if task in running and not task.cancelled() and task.exception() is not None:
+            log.error("the %s adapter failed while stopping: %s", running[task].name, task.exception())

@@ -11,9 +11,11 @@ from pathlib import Path
 from typing import Sequence
 
 from . import __version__
+from .adapter import AdapterError
 from .config import ConfigError, Settings, find_config_file, load_settings
 from .model_loading import ModelLoadError
 from .plugin_manager import PluginError
+from .redaction import REDACTOR, install as install_redaction
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
 
@@ -67,10 +69,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return serve(settings, strict, ["console"])
         return serve(settings, strict, args.adapter)
     except ConfigError as exc:
-        print(f"chatforge: invalid config:\n{exc}", file=sys.stderr)
+        print(f"chatforge: invalid config:\n{REDACTOR.redact(str(exc))}", file=sys.stderr)
+        return EXIT_CONFIG
+    except AdapterError as exc:
+        print(f"chatforge: {REDACTOR.redact(str(exc))} (in {settings.filename})", file=sys.stderr)
         return EXIT_CONFIG
     except (PluginError, ModelLoadError) as exc:
-        print(f"chatforge: {exc}", file=sys.stderr)
+        print(f"chatforge: {REDACTOR.redact(str(exc))}", file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:
         return EXIT_OK
@@ -94,6 +99,7 @@ def new_plugin(name: str, parent: Path) -> int:
 def configure_logging(settings: Settings, verbose: int) -> None:
     level = {0: settings.logging.level, 1: "INFO"}.get(verbose, "DEBUG")
     logging.basicConfig(level=level, format="%(name)s: %(levelname)s: %(message)s", stream=sys.stderr)
+    install_redaction()
     # transformers and huggingface_hub are chatty at INFO; keep them to real problems.
     for noisy in ("transformers", "huggingface_hub", "accelerate"):
         logging.getLogger(noisy).setLevel(logging.ERROR if verbose < 2 else logging.INFO)
@@ -104,10 +110,13 @@ def check_config(settings: Settings, strict: bool) -> int:
     from .app import load_plugins
 
     host = load_plugins(settings, strict)
-    failed = host.failures
-    for info in failed:
-        print(f"chatforge: plugin {info.name!r}: {'; '.join(info.errors)}", file=sys.stderr)
-    print(f"{settings.filename}: OK" + (f" ({len(failed)} plugin(s) failed to load)" if failed else ""))
+    failed = [info.name for info in host.failures]
+    if failed:
+        sections = ", ".join(f"plugins.{name}" for name in failed)
+        print(f"{settings.filename}: not OK: {len(failed)} plugin(s) failed to load (see above), "
+              f"so {sections} could not be checked", file=sys.stderr)
+        return EXIT_FAILURE
+    print(f"{settings.filename}: OK")
     return EXIT_OK
 
 

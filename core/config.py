@@ -122,6 +122,8 @@ class MemoryConfig(StrictModel):
 class BotConfig(StrictModel):
     name: str = "chatforge"
     command_prefix: Annotated[str, Field(min_length=1, max_length=3)] = "/"
+    shutdown_timeout: Annotated[float, Field(gt=0)] = 10.0
+    """On SIGINT/SIGTERM, seconds to let replies in flight finish before stopping."""
 
 
 class LoggingConfig(StrictModel):

@@ -11,6 +11,7 @@ logged by name, recorded for `chatforge plugins`, and skipped. With
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import importlib.metadata
 import importlib.util
@@ -148,7 +149,7 @@ class PluginHost:
         except pluggy.PluginValidationError as exc:
             if self.pm.is_registered(plugin):
                 self.pm.unregister(plugin)
-            self._fail(info, "registration", str(exc))
+            self._fail(info, "registration", _unknown_hooks(plugin) or str(exc))
             return
         info.hooks = sorted(caller.name for caller in self.pm.get_hookcallers(plugin) or [])
 
@@ -318,6 +319,17 @@ class PluginHost:
     @property
     def failures(self) -> list[PluginInfo]:
         return [info for info in self.infos.values() if info.errors]
+
+
+def _unknown_hooks(plugin: Any) -> str:
+    """'unknown hook chatforge_x (did you mean chatforge_y?)' for misspelt hook names, or ''."""
+    known = [name for name in dir(hookspecs) if name.startswith("chatforge_")]
+    problems = []
+    for name in dir(plugin):
+        if name.startswith("chatforge_") and name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            problems.append(f"unknown hook {name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return "; ".join(problems)
 
 
 def _missing_requirements(distribution: str | None) -> list[str]:

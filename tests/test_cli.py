@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 import textwrap
 from pathlib import Path
 
@@ -130,3 +132,69 @@ def test_run_starts_the_adapters_named_on_the_command_line(cli, tiny_config):
 def test_help_on_each_command(cli, command):
     result = cli(*command, "--help")
     assert result.returncode == 0 and "usage: chatforge" in result.stdout
+
+
+def test_sigterm_stops_chat_cleanly_while_waiting_for_input(tiny_config):
+    import signal
+    import sqlite3
+    import time
+
+    from conftest import CHATFORGE
+
+    process = subprocess.Popen([CHATFORGE, "chat", "-c", str(tiny_config)], stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    try:
+        process.stdin.write("/reset\nhello there\n")
+        process.stdin.flush()  # stdin stays open: the bot is waiting for more
+        deadline = time.monotonic() + 120
+        database = tiny_config.parent / "memory.sqlite3"
+        while time.monotonic() < deadline:
+            if database.exists():
+                reader = sqlite3.connect(database)
+                turns = reader.execute("SELECT count(*) FROM turns").fetchone()[0]
+                reader.close()
+                if turns == 2:
+                    break
+            time.sleep(0.2)
+        process.send_signal(signal.SIGTERM)
+        out, err = process.communicate(timeout=20)
+    finally:
+        process.kill()
+    assert process.returncode == 0, err
+    assert "nothing to forget" in out
+    assert "Traceback" not in err
+    assert not (tiny_config.parent / "memory.sqlite3-wal").exists() or \
+        (tiny_config.parent / "memory.sqlite3-wal").stat().st_size == 0  # closed cleanly: WAL checkpointed
+
+
+SECRET_PLUGIN = """
+import logging
+from pydantic import SecretStr
+from chatforge import PluginConfig, hookimpl
+
+class Config(PluginConfig):
+    api_key: SecretStr
+
+@hookimpl
+def chatforge_config_model():
+    return Config
+
+@hookimpl
+def chatforge_startup(config):
+    logging.getLogger("leaky").warning("connecting with key %s to https://api.example/%s/x",
+                                       config.api_key.get_secret_value(), config.api_key.get_secret_value())
+    raise RuntimeError("auth failed for " + config.api_key.get_secret_value())
+"""
+
+
+def test_secrets_never_reach_the_logs(cli, tiny_config):
+    (tiny_config.parent / "leaky.py").write_text(SECRET_PLUGIN)
+    with tiny_config.open("a") as config:
+        config.write("plugins:\n  leaky:\n    module: leaky.py\n    api_key: ${LEAKY_KEY}\n")
+    secret = "s3cr3t-T0KEN-value-123"
+    result = cli("chat", "-c", str(tiny_config), stdin="/help\n", env={"LEAKY_KEY": secret})
+    assert result.returncode == 0
+    assert "connecting with key *** to https://api.example/***/x" in result.stderr
+    assert "auth failed for ***" in result.stderr
+    assert secret not in result.stderr and secret not in result.stdout

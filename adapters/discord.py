@@ -1,0 +1,431 @@
+"""Serve the bot on Discord, with discord.py.
+
+    adapters:
+      discord:
+        enabled: true
+        token: ${DISCORD_TOKEN}
+        respond_to: [dm, mention]     # or [all], or channel ids: ["123456789012345678"]
+
+What it does:
+
+- Answers direct messages and messages that @mention the bot (by default; see
+  `respond_to`). The bot's own messages and other bots' are never answered.
+- A message that starts with `command_prefix` and names a registered command
+  (`/sentiment I love it`) is a command wherever the bot can read it, addressed
+  or not. Each command is also a Discord slash command (an application command
+  with an optional `args` text option), synced when the bot starts.
+- Shows "typing..." while the model works, replies to the triggering message,
+  and splits replies longer than 2000 characters (never inside a code block).
+  With `stream: true` the reply is sent at once and edited as the model writes.
+- Needs the *Message Content* privileged intent (Developer Portal -> Bot ->
+  Privileged Gateway Intents) to read what people write in servers.
+
+Pointing at another Discord (`api_base`, `gateway_url`) is for proxies and
+tests. discord.py reads its endpoints from class attributes shared by every
+client in the process (`discord.http.Route.BASE`,
+`discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY`); this adapter never
+assigns them. Instead it rewrites URLs on the way out, per client: its own
+`HTTPClient` instance's `request` and `ws_connect` (REST and gateway), and,
+for interaction responses (which go through discord.py's webhook adapter,
+looked up in the `discord.webhook.async_.async_context` context variable), a
+rewriting webhook adapter set in that context variable inside the adapter's
+own task only. Other discord.py clients in the same process, even another
+DiscordAdapter, are unaffected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from typing import Any, Optional, Union
+
+import aiohttp
+import discord
+import yarl
+from discord import app_commands
+from discord.webhook.async_ import AsyncWebhookAdapter, async_context
+from pydantic import field_validator
+
+from chatforge.adapter import Adapter, AdapterError, PlatformConfig
+from chatforge.delivery import RetryAfter, StreamingReply, keep_typing, split_message
+from chatforge.hookspecs import hookimpl
+from chatforge.message import Message
+
+log = logging.getLogger("chatforge.adapters.discord")
+
+LIMIT = 2000
+"""Discord's length limit of one message."""
+TYPING_EVERY = 8.0
+"""Discord shows "typing..." for about 10 s after each trigger."""
+ANSWER_WITHIN = 2.0
+"""An interaction must be answered within 3 s; slower answers are deferred, then followed up."""
+
+DEFAULT_API_BASE = discord.http.Route.BASE
+DEFAULT_GATEWAY = str(discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY)
+KEYWORDS = ("dm", "mention", "all")
+
+
+class DiscordConfig(PlatformConfig):
+    respond_to: list[str] = ["dm", "mention"]
+    """Where free text is answered: "dm", "mention", "all", and/or channel ids (which answer everything there)."""
+    api_base: str = DEFAULT_API_BASE
+    """Discord's REST API; change only for a proxy or a test server."""
+    gateway_url: str = DEFAULT_GATEWAY
+    """Discord's gateway websocket; change only for a proxy or a test server."""
+    command_prefix: str = "/"
+    """Typed messages starting with this and naming a command are commands."""
+    slash_commands: bool = True
+    """Register every command as a Discord slash command when the bot starts."""
+
+    @field_validator("respond_to", mode="before")
+    @classmethod
+    def _respond_to(cls, value: Any) -> list[str]:
+        items = value if isinstance(value, (list, tuple)) else [value]
+        result = []
+        for item in items:
+            if isinstance(item, bool) or not isinstance(item, (str, int)):
+                raise ValueError(f'"dm", "mention", "all" or channel ids, got {item!r}')
+            text = str(item).strip().lower()
+            if text not in KEYWORDS and not (text.isdigit() and 15 <= len(text) <= 21):
+                raise ValueError(f'"dm", "mention", "all" or channel ids (long numbers), got {item!r}')
+            result.append(text)
+        if not result:
+            raise ValueError('at least one of "dm", "mention", "all" or a channel id')
+        return result
+
+    @field_validator("api_base")
+    @classmethod
+    def _api_base(cls, value: str) -> str:
+        if not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError(f"an http(s):// URL such as {DEFAULT_API_BASE}")
+        return value.rstrip("/")
+
+    @field_validator("gateway_url")
+    @classmethod
+    def _gateway_url(cls, value: str) -> str:
+        if not re.match(r"^wss?://[^/\s]+", value):
+            raise ValueError(f"a ws(s):// URL such as {DEFAULT_GATEWAY}")
+        return value
+
+    @field_validator("command_prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        if not value or value.strip() != value:
+            raise ValueError("a non-empty prefix without spaces, such as /")
+        return value
+
+
+# ---------------------------------------------------------------- endpoints
+
+
+def _rebase_rest(url: str, api_base: str) -> str:
+    """A URL built on discord.py's REST base, moved to `api_base`."""
+    base = discord.http.Route.BASE
+    if api_base != base and url.startswith(base):
+        return api_base + url[len(base):]
+    return url
+
+
+def _rebase_gateway(url: str, gateway_url: str) -> str:
+    """discord.py's default gateway (with its query), moved to `gateway_url`; resume URLs are left alone."""
+    default = discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY
+    parsed = yarl.URL(url)
+    if gateway_url == str(default) or parsed.with_query(None) != default.with_query(None):
+        return url
+    return str(yarl.URL(gateway_url).with_query(parsed.query))
+
+
+class _RebasedWebhookAdapter(AsyncWebhookAdapter):
+    """discord.py's webhook adapter (interaction responses, follow-ups) with REST moved to `api_base`."""
+
+    def __init__(self, api_base: str) -> None:
+        super().__init__()
+        self.api_base = api_base
+
+    async def request(self, route: discord.http.Route, *args: Any, **kwargs: Any) -> Any:
+        route.url = _rebase_rest(route.url, self.api_base)
+        return await super().request(route, *args, **kwargs)
+
+
+class _Client(discord.Client):
+    def __init__(self, adapter: DiscordAdapter, **options: Any) -> None:
+        super().__init__(**options)
+        self.adapter = adapter
+        config = adapter.config
+        http = self.http
+        if config.api_base != DEFAULT_API_BASE:
+            request = http.request
+
+            async def rebased_request(route: discord.http.Route, **kwargs: Any) -> Any:
+                route.url = _rebase_rest(route.url, config.api_base)
+                return await request(route, **kwargs)
+
+            http.request = rebased_request  # type: ignore[method-assign]
+        if config.gateway_url != DEFAULT_GATEWAY:
+            ws_connect = http.ws_connect
+
+            async def rebased_ws_connect(url: str, **kwargs: Any) -> aiohttp.ClientWebSocketResponse:
+                return await ws_connect(_rebase_gateway(url, config.gateway_url), **kwargs)
+
+            http.ws_connect = rebased_ws_connect  # type: ignore[method-assign]
+        self.tree: app_commands.CommandTree | None = None
+        if config.slash_commands:
+            self.tree = app_commands.CommandTree(self)
+            for command in adapter.engine.commands:
+                try:
+                    self.tree.add_command(adapter.slash_command(command))
+                except Exception as exc:  # noqa: BLE001 - one odd command must not stop the others
+                    log.warning("cannot offer /%s as a Discord slash command: %s", command.name, exc)
+
+    async def setup_hook(self) -> None:
+        if self.tree is not None:
+            self.adapter.background(self._sync())
+
+    async def _sync(self) -> None:
+        try:
+            synced = await self.tree.sync()
+            log.info("synced %d slash commands", len(synced))
+        except discord.HTTPException as exc:
+            log.warning("could not register the slash commands (was the bot invited with the "
+                        "applications.commands scope?): %s", exc)
+
+    async def on_ready(self) -> None:
+        log.info("connected to Discord as %s (id %s)", self.user, self.user.id if self.user else "?")
+
+    async def on_message(self, message: discord.Message) -> None:
+        self.adapter.on_message(message)
+
+
+# ---------------------------------------------------------------- the adapter
+
+
+class DiscordAdapter(Adapter):
+    name = "discord"
+    Config = DiscordConfig
+
+    def __init__(self, engine, config: DiscordConfig | None) -> None:
+        super().__init__(engine, config or DiscordConfig())
+        self.client: _Client | None = None
+        self._stopping = False
+        self._background: set[asyncio.Task] = set()
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def run(self) -> None:
+        token = self.require_token()
+        if self._stopping:
+            return
+        # Interaction responses use the webhook adapter found in this context
+        # variable; setting it here affects this task and the tasks it starts only.
+        if self.config.api_base != DEFAULT_API_BASE:
+            async_context.set(_RebasedWebhookAdapter(self.config.api_base))
+        intents = discord.Intents.default()
+        intents.message_content = True
+        self.client = client = _Client(self, intents=intents, allowed_mentions=discord.AllowedMentions.none())
+        try:
+            try:
+                await client.login(token)
+            except discord.LoginFailure:
+                raise AdapterError("adapters.discord.token: Discord rejected the token (401 Unauthorized); "
+                                   "copy it again from the Developer Portal (Bot -> Reset Token)") from None
+            if self._stopping:
+                return
+            await client.connect(reconnect=True)
+        except discord.PrivilegedIntentsRequired:
+            raise AdapterError("adapters.discord: Discord refused the Message Content intent; enable it in the "
+                               "Developer Portal (your application -> Bot -> Privileged Gateway Intents -> "
+                               "Message Content Intent)") from None
+        except discord.ConnectionClosed as exc:
+            if exc.code == 4004:
+                raise AdapterError("adapters.discord.token: Discord rejected the token (gateway close 4004); "
+                                   "copy it again from the Developer Portal (Bot -> Reset Token)") from None
+            raise
+        finally:
+            for task in list(self._background):
+                task.cancel()
+            if not client.is_closed():
+                await client.close()
+
+    async def stop(self) -> None:
+        self._stopping = True
+        await self.wait_in_flight()
+        if self.client is not None and not self.client.is_closed():
+            await self.client.close()
+
+    def background(self, coroutine: Any) -> asyncio.Task:
+        task = asyncio.create_task(coroutine)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+    # ------------------------------------------------------------ messages
+
+    def on_message(self, message: discord.Message) -> None:
+        if self._stopping or self.client is None or self.client.user is None:
+            return
+        if message.author.id == self.client.user.id or message.author.bot or message.webhook_id is not None:
+            return
+        if message.type not in (discord.MessageType.default, discord.MessageType.reply):
+            return
+        incoming = self.to_message(message)
+        if incoming is None:
+            return
+        self.track(self._answer(message, incoming))
+
+    def to_message(self, message: discord.Message) -> Message | None:
+        """The neutral Message for a Discord message, or None when the bot should stay silent."""
+        me = self.client.user
+        channel = message.channel
+        mentioned = any(user.id == me.id for user in message.mentions)
+        text = re.sub(rf"<@!?{me.id}>", " ", message.content).strip()
+        direct = message.guild is None
+        if isinstance(channel, discord.Thread):
+            chat, thread = str(channel.parent_id), str(channel.id)
+        else:
+            chat, thread = str(channel.id), None
+        command = self.as_command(text)
+        if command is not None:
+            text = command
+        elif not self.addressed(direct, mentioned, chat, thread):
+            return None
+        if not text:
+            return None
+        author = message.author
+        return Message(text=text, platform="discord", chat=chat, thread=thread, user=str(author.id),
+                       display_name=author.display_name, direct=direct, mentioned=mentioned, raw=message)
+
+    def addressed(self, direct: bool, mentioned: bool, chat: str, thread: str | None) -> bool:
+        respond_to = self.config.respond_to
+        if "all" in respond_to:
+            return True
+        if direct:
+            return "dm" in respond_to
+        if mentioned and "mention" in respond_to:
+            return True
+        return chat in respond_to or (thread is not None and thread in respond_to)
+
+    def as_command(self, text: str) -> str | None:
+        """`!name args` (with this adapter's prefix) -> the engine's `/name args`, when `name` is a command."""
+        prefix = self.config.command_prefix
+        if not text.startswith(prefix):
+            return None
+        match = re.match(r"(\S+)\s*(.*)", text[len(prefix):], re.DOTALL)
+        if match is None:
+            return None
+        name = match.group(1).split("@", 1)[0].lower()
+        if self.engine.commands.get(name) is None:
+            return None
+        return f"{self.engine.command_prefix}{name} {match.group(2).strip()}".rstrip()
+
+    async def _answer(self, message: discord.Message, incoming: Message) -> None:
+        channel = message.channel
+
+        async def typing() -> None:
+            await channel.typing()
+
+        async def send(text: str) -> discord.Message:
+            return await channel.send(text, reference=message.to_reference(fail_if_not_exists=False),
+                                      mention_author=False)
+
+        try:
+            async with keep_typing(typing, every=TYPING_EVERY):
+                if self.config.stream:
+                    streaming = StreamingReply(send, _edit, interval=self.config.stream_interval, limit=LIMIT)
+                    reply = await self.engine.handle(incoming, on_text=streaming.on_text)
+                    rest = await streaming.finish(reply.text) if reply else []
+                else:
+                    reply = await self.engine.handle(incoming)
+            if not reply:
+                return
+            if not self.config.stream:
+                parts = split_message(reply.text, LIMIT) or [reply.text[:LIMIT]]
+                await send(parts[0])
+                rest = parts[1:]
+            for part in rest:
+                await channel.send(part)
+        except discord.Forbidden as exc:
+            log.warning("cannot answer in channel %s (missing permission?): %s", incoming.chat, exc)
+        except (discord.HTTPException, RetryAfter, RuntimeError, aiohttp.ClientError, OSError) as exc:
+            log.warning("could not deliver a reply in channel %s: %s: %s", incoming.chat, type(exc).__name__, exc)
+
+    # ------------------------------------------------------------ slash commands
+
+    def slash_command(self, command: Any) -> app_commands.Command:
+        """One Discord application command for an engine command: name, help, optional `args`."""
+        adapter = self
+
+        if command.usage:
+            @app_commands.describe(args=command.usage[:100])
+            async def callback(interaction: discord.Interaction, args: Optional[str] = None) -> None:
+                await adapter.track(adapter.on_interaction(interaction, command.name, args or ""))
+        else:
+            async def callback(interaction: discord.Interaction) -> None:  # type: ignore[misc]
+                await adapter.track(adapter.on_interaction(interaction, command.name, ""))
+
+        return app_commands.Command(name=command.name, description=command.help[:100], callback=callback)
+
+    async def on_interaction(self, interaction: discord.Interaction, name: str, args: str) -> None:
+        channel = interaction.channel
+        if isinstance(channel, discord.Thread):
+            chat, thread = str(channel.parent_id), str(channel.id)
+        else:
+            chat, thread = str(interaction.channel_id), None
+        user = interaction.user
+        incoming = Message(text=f"{self.engine.command_prefix}{name} {args}".rstrip(), platform="discord",
+                           chat=chat, thread=thread, user=str(user.id), display_name=user.display_name,
+                           direct=interaction.guild_id is None, mentioned=True, raw=interaction)
+        work = asyncio.create_task(self.engine.handle(incoming))
+        deferred = False
+        try:
+            done, _ = await asyncio.wait({work}, timeout=ANSWER_WITHIN)
+            if not done:
+                await interaction.response.defer(thinking=True)
+                deferred = True
+            reply = await work
+            parts = (split_message(reply.text, LIMIT) or [reply.text[:LIMIT]]) if reply else []
+            if not parts:
+                if deferred:
+                    await interaction.followup.send("Done.", ephemeral=True)
+                else:
+                    await interaction.response.send_message("Done.", ephemeral=True)
+                return
+            if deferred:
+                await interaction.followup.send(parts[0])
+            else:
+                await interaction.response.send_message(parts[0])
+            for part in parts[1:]:
+                await interaction.followup.send(part)
+        except (discord.HTTPException, aiohttp.ClientError, OSError) as exc:
+            log.warning("could not answer the /%s interaction in channel %s: %s: %s",
+                        name, chat, type(exc).__name__, exc)
+        finally:
+            if not work.done():
+                work.cancel()
+
+
+async def _edit(sent: discord.Message, text: str) -> None:
+    """Edit a streamed message; Discord's "slow down" (429) becomes RetryAfter for StreamingReply."""
+    try:
+        await sent.edit(content=text)
+    except discord.RateLimited as limited:
+        raise RetryAfter(limited.retry_after) from None
+    except discord.HTTPException as exc:
+        if exc.status != 429:
+            raise
+        raise RetryAfter(_retry_after(exc)) from None
+
+
+def _retry_after(exc: discord.HTTPException) -> float:
+    headers: Union[dict, Any] = getattr(exc.response, "headers", None) or {}
+    for header in ("Retry-After", "X-RateLimit-Reset-After"):
+        try:
+            return max(0.0, float(headers.get(header)))
+        except (TypeError, ValueError):
+            continue
+    return 1.0
+
+
+@hookimpl
+def chatforge_register_adapters(register) -> None:
+    register(DiscordAdapter)

@@ -1,0 +1,425 @@
+"""A fake Discord (REST API + gateway websocket) on 127.0.0.1, for driving a real discord.py client.
+
+It runs aiohttp in a background thread with its own event loop, so a test can
+start `chatforge run` as a subprocess and talk to it from ordinary (blocking)
+test code: `dispatch_*` sends gateway events, `wait_for` waits (always with a
+timeout) until the bot has made a matching request, and `requests` records
+every REST call the bot made.
+
+What it speaks (what discord.py 2.7 needs):
+- REST under /api/v10: GET users/@me and oauth2/applications/@me (login; a
+  wrong token gets 401), GET gateway and gateway/bot, PUT
+  applications/{id}/commands (slash-command sync), POST/PATCH
+  channels/{id}/messages, POST channels/{id}/typing, POST
+  interactions/{id}/{token}/callback and webhooks/{app}/{token} (follow-ups).
+  JSON responses carry `Content-Type: application/json` exactly: discord.py
+  parses nothing else.
+- The gateway at ws://127.0.0.1:PORT/gateway: HELLO, heartbeat ACK, IDENTIFY ->
+  READY + GUILD_CREATE (one guild with two text channels), RESUME -> RESUMED,
+  plain-text JSON frames (no zlib, which discord.py accepts).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from aiohttp import WSMsgType, web
+
+API = "/api/v10"
+BOT_ID = "900000000000000001"
+APP_ID = "900000000000000002"
+GUILD_ID = "900000000000000010"
+CHANNEL_ID = "900000000000000011"
+OTHER_CHANNEL_ID = "900000000000000012"
+THREAD_ID = "900000000000000013"
+DM_CHANNEL_ID = "900000000000000020"
+TIMESTAMP = "2026-01-01T00:00:00.000000+00:00"
+
+
+@dataclass
+class Request:
+    method: str
+    path: str
+    """Below /api/v10, e.g. /channels/123/messages."""
+    body: Any
+    at: float = field(default_factory=time.monotonic)
+    status: int = 200
+
+
+def user(user_id: str, name: str, bot: bool = False) -> dict:
+    return {"id": user_id, "username": name, "global_name": name.title(), "discriminator": "0",
+            "avatar": None, "bot": bot, "public_flags": 0}
+
+
+BOT_USER = user(BOT_ID, "forgebot", bot=True)
+
+
+class FakeDiscord:
+    def __init__(self, token: str, heartbeat_interval_ms: int = 41250) -> None:
+        self.token = token
+        self.heartbeat_interval_ms = heartbeat_interval_ms
+        self.requests: list[Request] = []
+        self.gateway_log: list[tuple[str, Any]] = []
+        """("identify" | "resume" | "heartbeat" | "connect" | "other", payload) in order."""
+        self.connections = 0
+        self._changed = threading.Condition()
+        self._ids = itertools.count(910000000000000000)
+        self._seq = itertools.count(1)
+        self._edit_limits: list[tuple[float, bool]] = []
+        self._ws: web.WebSocketResponse | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._runner: web.AppRunner | None = None
+        self._thread: threading.Thread | None = None
+        self.port = 0
+
+    # ------------------------------------------------------------ lifecycle
+
+    @property
+    def api_base(self) -> str:
+        return f"http://127.0.0.1:{self.port}{API}"
+
+    @property
+    def gateway_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/gateway"
+
+    def start(self) -> FakeDiscord:
+        started = threading.Event()
+        errors: list[BaseException] = []
+
+        def serve() -> None:
+            loop = self._loop = asyncio.new_event_loop()
+            asyncio.set_event_loop(loop)
+            try:
+                loop.run_until_complete(self._start_site())
+            except BaseException as exc:  # noqa: BLE001 - reported to the starting thread
+                errors.append(exc)
+                started.set()
+                return
+            started.set()
+            loop.run_forever()
+            loop.run_until_complete(self._runner.cleanup())
+            loop.close()
+
+        self._thread = threading.Thread(target=serve, name="fake-discord", daemon=True)
+        self._thread.start()
+        if not started.wait(10):
+            raise RuntimeError("the fake Discord did not start within 10 s")
+        if errors:
+            raise errors[0]
+        return self
+
+    async def _start_site(self) -> None:
+        app = web.Application()
+        app.router.add_get("/gateway", self._gateway)
+        app.router.add_route("*", API + "/{tail:.*}", self._rest)
+        self._runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=1)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = self._runner.addresses[0][1]
+
+    def stop(self) -> None:
+        if self._loop is None or not self._loop.is_running():
+            return
+        if self._ws is not None:
+            self._call(self._ws.close(code=1001), timeout=3, check=False)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+
+    def __enter__(self) -> FakeDiscord:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    def _call(self, coroutine: Any, timeout: float = 5, check: bool = True) -> Any:
+        future = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
+        try:
+            return future.result(timeout)
+        except Exception:
+            if check:
+                raise
+            return None
+
+    # ------------------------------------------------------------ waiting and inspecting
+
+    def _record(self, kind: str, payload: Any) -> None:
+        with self._changed:
+            self.gateway_log.append((kind, payload))
+            self._changed.notify_all()
+
+    def wait_until(self, condition: Callable[[], Any], timeout: float, what: str = "condition") -> Any:
+        """Wait (at most `timeout` s) until `condition()` is truthy; return its value or raise AssertionError."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                value = condition()
+                if value:
+                    return value
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+                self._changed.wait(min(left, 0.2))
+
+    def find(self, method: str, pattern: str, since: int = 0,
+             where: Callable[[Request], bool] = lambda request: True) -> list[Request]:
+        """Recorded requests (from index `since`) with this method whose path matches `pattern` fully."""
+        with self._changed:
+            return [r for r in self.requests[since:] if r.method == method and re.fullmatch(pattern, r.path)
+                    and where(r)]
+
+    def wait_for(self, method: str, pattern: str, since: int = 0, count: int = 1, timeout: float = 30,
+                 where: Callable[[Request], bool] = lambda request: True) -> list[Request]:
+        return self.wait_until(lambda: (found := self.find(method, pattern, since, where)) and len(found) >= count
+                               and found, timeout, f"{count} x {method} {pattern}")
+
+    def mark(self) -> int:
+        """An index into `requests`: pass it as `since` to look only at what comes after."""
+        with self._changed:
+            return len(self.requests)
+
+    def sent_messages(self, channel_id: str, since: int = 0) -> list[Request]:
+        return self.find("POST", rf"/channels/{channel_id}/messages", since)
+
+    def identifies(self) -> int:
+        return sum(kind == "identify" for kind, _ in self.gateway_log)
+
+    def resumes(self) -> int:
+        return sum(kind == "resume" for kind, _ in self.gateway_log)
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        """Until the bot has identified and received READY and the guild."""
+        self.wait_until(lambda: any(kind == "ready-sent" for kind, _ in self.gateway_log), timeout, "IDENTIFY")
+
+    # ------------------------------------------------------------ controlling
+
+    def rate_limit_edits(self, times: int, retry_after: float, via: bool = False) -> None:
+        """Answer the next `times` message edits with 429 and `retry_after`.
+
+        With `via=True` the 429 looks like Discord's own (a `Via` header), which
+        discord.py waits out by itself; without it discord.py raises
+        HTTPException(429), as for a 429 from Discord's edge, and the adapter's
+        own handling (RetryAfter) is what waits.
+        """
+        with self._changed:
+            self._edit_limits += [(retry_after, via)] * times
+
+    def close_gateway(self, code: int = 4000) -> None:
+        """Close the bot's websocket; 4000 makes discord.py reconnect and RESUME."""
+        ws = self._ws
+        assert ws is not None, "no gateway connection"
+        self._call(ws.close(code=code, message=b"fake close"))
+
+    def dispatch(self, event: str, data: dict) -> None:
+        ws = self._ws
+        assert ws is not None and not ws.closed, "no gateway connection"
+        self._call(ws.send_str(json.dumps({"op": 0, "t": event, "s": next(self._seq), "d": data})))
+
+    def new_id(self) -> str:
+        return str(next(self._ids))
+
+    def message_payload(self, author: dict, content: str, channel_id: str, guild: bool,
+                        mentions: list[dict] | None = None) -> dict:
+        payload = {
+            "id": self.new_id(), "channel_id": channel_id, "author": author, "content": content,
+            "timestamp": TIMESTAMP, "edited_timestamp": None, "tts": False, "mention_everyone": False,
+            "mentions": mentions or [], "mention_roles": [], "attachments": [], "embeds": [],
+            "pinned": False, "type": 0, "flags": 0,
+        }
+        if guild:
+            payload["guild_id"] = GUILD_ID
+            payload["member"] = {"roles": [], "joined_at": TIMESTAMP, "deaf": False, "mute": False,
+                                 "nick": None, "flags": 0}
+        return payload
+
+    def dispatch_message(self, text: str, author: dict, channel_id: str = CHANNEL_ID,
+                         mention: bool = False) -> str:
+        """A MESSAGE_CREATE in the guild; `mention` prefixes the bot's @mention. Returns the message id."""
+        content = f"<@{BOT_ID}> {text}" if mention else text
+        payload = self.message_payload(author, content, channel_id, guild=True,
+                                       mentions=[BOT_USER] if mention else [])
+        self.dispatch("MESSAGE_CREATE", payload)
+        return payload["id"]
+
+    def dispatch_dm(self, text: str, author: dict, channel_id: str = DM_CHANNEL_ID) -> str:
+        payload = self.message_payload(author, text, channel_id, guild=False)
+        self.dispatch("MESSAGE_CREATE", payload)
+        return payload["id"]
+
+    def dispatch_slash(self, name: str, author: dict, args: str | None = None,
+                       channel_id: str = CHANNEL_ID) -> tuple[str, str]:
+        """An INTERACTION_CREATE for the slash command /name; returns (interaction id, token)."""
+        interaction_id, token = self.new_id(), f"interaction-token-{self.new_id()}"
+        data: dict[str, Any] = {"id": self.new_id(), "name": name, "type": 1}
+        if args is not None:
+            data["options"] = [{"name": "args", "type": 3, "value": args}]
+        self.dispatch("INTERACTION_CREATE", {
+            "id": interaction_id, "application_id": APP_ID, "type": 2, "data": data, "guild_id": GUILD_ID,
+            "channel_id": channel_id, "channel": {**text_channel(channel_id, "general"), "guild_id": GUILD_ID},
+            "member": {"user": author, "roles": [], "joined_at": TIMESTAMP, "deaf": False, "mute": False,
+                       "nick": None, "flags": 0, "permissions": "2248473465835073"},
+            "token": token, "version": 1, "locale": "en-US", "guild_locale": "en-US",
+            "app_permissions": "2248473465835073", "entitlements": [],
+            "authorizing_integration_owners": {"0": GUILD_ID}, "context": 0,
+            "attachment_size_limit": 8388608,
+        })
+        return interaction_id, token
+
+    # ------------------------------------------------------------ REST
+
+    async def _rest(self, request: web.Request) -> web.StreamResponse:
+        path = request.path[len(API):]
+        raw = await request.read()
+        try:
+            body = json.loads(raw) if raw else None
+        except ValueError:
+            body = raw.decode("utf-8", "replace")
+        record = Request(request.method, path, body)
+        response = self._answer_rest(request, record)
+        record.status = response.status
+        with self._changed:
+            self.requests.append(record)
+            self._changed.notify_all()
+        return response
+
+    def _answer_rest(self, request: web.Request, record: Request) -> web.Response:
+        if request.headers.get("Authorization") != f"Bot {self.token}" and not record.path.startswith(
+                ("/interactions/", "/webhooks/")):
+            return json_response({"message": "401: Unauthorized", "code": 0}, 401)
+        method, path, body = record.method, record.path, record.body
+        if method == "GET" and path == "/users/@me":
+            return json_response(BOT_USER)
+        if method == "GET" and path == "/oauth2/applications/@me":
+            return json_response({
+                "id": APP_ID, "name": "forgebot", "icon": None, "description": "", "summary": "",
+                "rpc_origins": [], "bot_public": True, "bot_require_code_grant": False,
+                "owner": user("900000000000000099", "owner"), "verify_key": "0" * 64, "flags": 0,
+                "bot": BOT_USER, "team": None,
+            })
+        if method == "GET" and path in ("/gateway", "/gateway/bot"):
+            return json_response({"url": f"ws://127.0.0.1:{self.port}/gateway", "shards": 1,
+                                  "session_start_limit": {"total": 1000, "remaining": 999,
+                                                          "reset_after": 0, "max_concurrency": 1}})
+        if method == "PUT" and re.fullmatch(rf"/applications/{APP_ID}/commands", path):
+            return json_response([{"id": self.new_id(), "application_id": APP_ID, "version": "1", "type": 1,
+                                   "default_member_permissions": None, "dm_permission": True, "nsfw": False,
+                                   "options": [], **command} for command in body or []])
+        if match := re.fullmatch(r"/channels/(\d+)/typing", path):
+            return web.Response(status=204)
+        if method == "POST" and (match := re.fullmatch(r"/channels/(\d+)/messages", path)):
+            return json_response(self._bot_message(match.group(1), body))
+        if method == "PATCH" and (match := re.fullmatch(r"/channels/(\d+)/messages/(\d+)", path)):
+            with self._changed:
+                limit = self._edit_limits.pop(0) if self._edit_limits else None
+            if limit is not None:
+                retry_after, via = limit
+                headers = {"Retry-After": str(retry_after), "X-RateLimit-Limit": "5",
+                           "X-RateLimit-Remaining": "0", "X-RateLimit-Reset-After": str(retry_after),
+                           "X-RateLimit-Scope": "user"}
+                if via:
+                    headers["Via"] = "1.1 google"
+                return json_response({"message": "You are being rate limited.", "retry_after": retry_after,
+                                      "global": False}, 429, headers)
+            return json_response(self._bot_message(match.group(1), body, match.group(2)))
+        if method == "POST" and (match := re.fullmatch(r"/interactions/(\d+)/([^/]+)/callback", path)):
+            kind = (body or {}).get("type")
+            return json_response({"interaction": {"id": match.group(1), "type": 2,
+                                                  "response_message_id": self.new_id(),
+                                                  "response_message_loading": kind == 5,
+                                                  "response_message_ephemeral": False}})
+        if method == "POST" and re.fullmatch(rf"/webhooks/{APP_ID}/[^/]+", path):
+            return json_response(self._bot_message(CHANNEL_ID, body))
+        return json_response({"message": f"404: Not Found ({method} {path})", "code": 0}, 404)
+
+    def _bot_message(self, channel_id: str, body: Any, message_id: str | None = None) -> dict:
+        payload = self.message_payload(BOT_USER, (body or {}).get("content") or "", channel_id,
+                                       guild=channel_id != DM_CHANNEL_ID)
+        payload.pop("member", None)
+        if message_id:
+            payload["id"] = message_id
+            payload["edited_timestamp"] = TIMESTAMP
+        return payload
+
+    # ------------------------------------------------------------ gateway
+
+    async def _gateway(self, request: web.Request) -> web.StreamResponse:
+        ws = web.WebSocketResponse(autoping=True)
+        await ws.prepare(request)
+        self._ws = ws
+        self.connections += 1
+        self._record("connect", dict(request.query))
+        await ws.send_str(json.dumps({"op": 10, "d": {"heartbeat_interval": self.heartbeat_interval_ms}}))
+        async for frame in ws:
+            if frame.type != WSMsgType.TEXT:
+                continue
+            payload = json.loads(frame.data)
+            op, data = payload.get("op"), payload.get("d")
+            if op == 1:
+                self._record("heartbeat", data)
+                await ws.send_str(json.dumps({"op": 11}))
+            elif op == 2:
+                self._record("identify", {"intents": data.get("intents")})
+                if data.get("token") != self.token:
+                    await ws.close(code=4004, message=b"Authentication failed.")
+                    break
+                await self._send_ready(ws)
+            elif op == 6:
+                self._record("resume", {"seq": data.get("seq"), "session_id": data.get("session_id")})
+                await ws.send_str(json.dumps({"op": 0, "t": "RESUMED", "s": next(self._seq), "d": {}}))
+            else:
+                self._record("other", payload)
+        if self._ws is ws:
+            self._ws = None
+        return ws
+
+    async def _send_ready(self, ws: web.WebSocketResponse) -> None:
+        ready = {"v": 10, "user": BOT_USER, "guilds": [{"id": GUILD_ID, "unavailable": True}],
+                 "session_id": f"session-{self.new_id()}", "resume_gateway_url": self.gateway_url,
+                 "shard": [0, 1], "application": {"id": APP_ID, "flags": 0}, "private_channels": [],
+                 "relationships": [], "presences": [], "guild_join_requests": [], "geo_ordered_rtc_regions": []}
+        await ws.send_str(json.dumps({"op": 0, "t": "READY", "s": next(self._seq), "d": ready}))
+        await ws.send_str(json.dumps({"op": 0, "t": "GUILD_CREATE", "s": next(self._seq), "d": guild()}))
+        self._record("ready-sent", None)
+
+
+def text_channel(channel_id: str, name: str) -> dict:
+    return {"id": channel_id, "type": 0, "name": name, "position": 0, "permission_overwrites": [],
+            "nsfw": False, "topic": None, "parent_id": None, "rate_limit_per_user": 0, "last_message_id": None}
+
+
+def guild() -> dict:
+    return {
+        "id": GUILD_ID, "name": "Test Guild", "icon": None, "splash": None, "discovery_splash": None,
+        "owner_id": "900000000000000099", "afk_channel_id": None, "afk_timeout": 300,
+        "verification_level": 0, "default_message_notifications": 0, "explicit_content_filter": 0,
+        "roles": [{"id": GUILD_ID, "name": "@everyone", "permissions": "2248473465835073", "position": 0,
+                   "color": 0, "hoist": False, "managed": False, "mentionable": False, "flags": 0}],
+        "emojis": [], "stickers": [], "features": [], "mfa_level": 0, "application_id": None,
+        "system_channel_id": None, "system_channel_flags": 0, "rules_channel_id": None,
+        "vanity_url_code": None, "description": None, "banner": None, "premium_tier": 0,
+        "preferred_locale": "en-US", "public_updates_channel_id": None, "nsfw_level": 0,
+        "premium_progress_bar_enabled": False, "joined_at": TIMESTAMP, "large": False, "unavailable": False,
+        "member_count": 4, "voice_states": [], "presences": [], "stage_instances": [],
+        "guild_scheduled_events": [], "soundboard_sounds": [],
+        "members": [{"user": BOT_USER, "roles": [], "joined_at": TIMESTAMP, "deaf": False, "mute": False,
+                     "nick": None, "flags": 0}],
+        "channels": [text_channel(CHANNEL_ID, "general"), text_channel(OTHER_CHANNEL_ID, "random")],
+        "threads": [{"id": THREAD_ID, "type": 11, "name": "a thread", "guild_id": GUILD_ID,
+                     "parent_id": CHANNEL_ID, "owner_id": "900000000000000099", "last_message_id": None,
+                     "rate_limit_per_user": 0, "message_count": 0, "member_count": 1, "flags": 0,
+                     "thread_metadata": {"archived": False, "auto_archive_duration": 1440,
+                                         "archive_timestamp": TIMESTAMP, "locked": False}}],
+    }
+
+
+def json_response(data: Any, status: int = 200, headers: dict | None = None) -> web.Response:
+    """JSON with `Content-Type: application/json` exactly (discord.py ignores `; charset=utf-8`)."""
+    return web.Response(body=json.dumps(data).encode(), status=status,
+                        headers={"Content-Type": "application/json", **(headers or {})})

@@ -1,0 +1,397 @@
+"""The Telegram adapter end to end: `chatforge run` as a subprocess, against a fake Bot API on loopback.
+
+The real python-telegram-bot client talks HTTP to tests/fake_telegram.py;
+the tiny GPT-2 answers free text (garbage, so only the plumbing is checked)
+and the built-in commands give text to check. Every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from fake_telegram import BOT_USERNAME, FakeTelegram, reply_target
+
+TOKEN = "123456789:AAF-fake-test-token-Zq8xW"
+CHATFORGE = str(Path(sys.executable).parent / "chatforge")
+STARTUP = 120  # seconds to import torch, load the tiny model and reach Telegram (a busy CI machine)
+ANSWER = 60  # seconds for one answer
+
+LONG_PLUGIN = '''
+from chatforge import hookimpl
+
+def long_command(ctx):
+    prose = "\\n\\n".join(f"Paragraph {i}: " + "words " * 60 for i in range(12))
+    code = "```python\\n" + "\\n".join(f"print('line {i:02d}')  # " + "x" * 45 for i in range(80)) + "\\n```"
+    text = prose + "\\n\\n" + code + "\\n\\nThe end."
+    assert len(text) >= 10_000
+    return text
+
+@hookimpl
+def chatforge_register_commands(register):
+    register("long", long_command, help="a very long answer")
+'''
+
+# A model that writes slowly: the real generator's pieces, replayed 50 ms apart.
+SLOW_PLUGIN = '''
+import asyncio
+from chatforge import hookimpl
+
+@hookimpl
+def chatforge_startup(bot):
+    real = bot.generator.reply
+
+    async def reply(history, text, on_text=None):
+        pieces = []
+        result = await real(history, text, pieces.append if on_text else None)
+        await asyncio.sleep(0.05)  # the pieces arrive through call_soon_threadsafe
+        for piece in pieces:
+            on_text(piece)
+            await asyncio.sleep(0.05)
+        return result
+
+    bot.generator.reply = reply
+'''
+
+
+def write_config(folder: Path, tiny_gpt2: Path, model_cache: Path, base_url: str, telegram: str = "",
+                 plugins: dict[str, str] | None = None, max_new_tokens: int = 12) -> Path:
+    """A config serving only Telegram; `telegram` adds lines to its section, `plugins` files to load."""
+    plugin_lines = ""
+    for name, source in (plugins or {}).items():
+        (folder / f"{name}.py").write_text(source)
+        plugin_lines += f"  {name}:\n    module: ./{name}.py\n"
+    section = textwrap.indent(textwrap.dedent(telegram).strip(), "    ")
+    config = folder / "config.yaml"
+    config.write_text(
+        textwrap.dedent(f"""\
+            generator:
+              model: {tiny_gpt2}
+              temperature: 0
+              max_new_tokens: {max_new_tokens}
+              cache_dir: {model_cache}
+            memory:
+              path: {folder / "memory.sqlite3"}
+            plugins:
+              telegram:
+                module: chatforge.adapters.telegram
+            """)
+        + plugin_lines
+        + textwrap.dedent(f"""\
+            adapters:
+              console:
+                enabled: false
+              telegram:
+                enabled: true
+                token: ${{TEST_TG_TOKEN:-}}
+                base_url: {base_url}
+                poll_timeout: 5
+            """)
+        + (section + "\n" if section else "")
+    )
+    return config
+
+
+class Bot:
+    """`chatforge run` in the background; output goes to files so a full pipe never blocks it."""
+
+    def __init__(self, config: Path, token: str | None = TOKEN) -> None:
+        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+        env.pop("TEST_TG_TOKEN", None)
+        if token is not None:
+            env["TEST_TG_TOKEN"] = token
+        self.out_path, self.err_path = config.parent / "stdout.txt", config.parent / "stderr.txt"
+        with self.out_path.open("w") as out, self.err_path.open("w") as err:
+            self.process = subprocess.Popen([CHATFORGE, "run", "--config", str(config)], stdout=out, stderr=err,
+                                            stdin=subprocess.DEVNULL, env=env, cwd=config.parent)
+
+    @property
+    def stdout(self) -> str:
+        return self.out_path.read_text()
+
+    @property
+    def stderr(self) -> str:
+        return self.err_path.read_text()
+
+    def wait(self, timeout: float) -> int:
+        return self.process.wait(timeout)
+
+    def terminate(self, grace: float = 15) -> int:
+        """SIGTERM, then SIGKILL after `grace` seconds; the exit status."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                return self.process.wait(grace)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                return self.process.wait(10)
+        return self.process.returncode
+
+
+def wait_until_polling(fake: FakeTelegram, bot: Bot) -> None:
+    def ready() -> bool:
+        if bot.process.poll() is not None:
+            raise AssertionError(f"chatforge exited with {bot.process.returncode}:\n{bot.stderr}")
+        return fake.count("setMyCommands") > 0 and fake.count("getUpdates") > 0
+    fake.wait_for(ready, STARTUP, "the bot to start polling")
+
+
+def texts(calls) -> list[str]:
+    return [call.params.get("text", "") for call in calls]
+
+
+# ---------------------------------------------------------------- one bot for most tests
+
+
+@pytest.fixture(scope="module")
+def fake():
+    with FakeTelegram(TOKEN) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def bot(fake, tmp_path_factory, tiny_gpt2, model_cache):
+    folder = tmp_path_factory.mktemp("telegram-bot")
+    config = write_config(folder, tiny_gpt2, model_cache, fake.base_url, plugins={"long": LONG_PLUGIN})
+    process = Bot(config)
+    try:
+        wait_until_polling(fake, process)
+        yield process
+    finally:
+        process.terminate()
+
+
+def test_a_private_message_gets_a_reply_to_it(fake, bot):
+    message = fake.enqueue_message("hello there", chat_id=5001, user_id=5001)
+    sent = fake.wait_for(lambda: fake.sent_messages(5001), ANSWER, "a reply in chat 5001")
+    assert sent[0].params["text"].strip()
+    assert sent[0].params["reply_parameters"]["message_id"] == message["message_id"]
+
+    fake.enqueue_message("/sentiment I love it", chat_id=5001, user_id=5001)
+    sent = fake.wait_for(lambda: fake.sent_messages(5001)[1:], ANSWER, "the /sentiment answer")
+    assert sent[0].params["text"].startswith("positive")
+
+
+def test_typing_is_shown_while_answering(fake, bot):
+    fake.enqueue_message("are you typing?", chat_id=5002, user_id=5002)
+    fake.wait_for(lambda: fake.sent_messages(5002), ANSWER, "a reply in chat 5002")
+    actions = fake.calls_to("sendChatAction", chat_id=5002)
+    assert actions and all(call.params["action"] == "typing" for call in actions)
+    assert actions[0].at <= fake.sent_messages(5002)[0].at
+
+
+def test_the_command_menu_lists_the_commands(fake, bot):
+    commands = fake.calls_to("setMyCommands")[-1].params["commands"]
+    names = [command["command"] for command in commands]
+    assert {"help", "history", "reset", "sentiment", "long"} <= set(names)
+    assert all(command["description"] for command in commands)
+    help_line = next(command for command in commands if command["command"] == "help")
+    assert help_line["description"] == "list the commands"
+
+
+def test_in_a_group_only_what_addresses_the_bot_is_answered(fake, bot):
+    group = -1001000000001
+    fake.enqueue_message("just chatting among ourselves", chat_id=group, user_id=601, group=True)
+    fake.enqueue_message("/help@some_other_bot", chat_id=group, user_id=601, group=True)
+    fake.enqueue_message(f"@{BOT_USERNAME} I am a bot too", chat_id=group, user_id=602, group=True, is_bot=True)
+    fake.wait_polls(2, 15)
+    time.sleep(0.5)
+    assert fake.sent_messages(group) == [], "the bot answered group chatter"
+    # Still nothing after the engine had time to work on them.
+    fake.enqueue_message("/reset", chat_id=-1001000000999, user_id=601, group=True)
+    fake.wait_for(lambda: fake.sent_messages(-1001000000999), ANSWER, "a sentinel reply")
+    assert fake.sent_messages(group) == []
+
+    mention = fake.enqueue_message(f"@{BOT_USERNAME} what is the weather like?", chat_id=group, user_id=601,
+                                   group=True)
+    sent = fake.wait_for(lambda: fake.sent_messages(group), ANSWER, "the answer to the mention")
+    assert sent[0].params["reply_parameters"]["message_id"] == mention["message_id"]
+
+    fake.enqueue_message(f"/help@{BOT_USERNAME}", chat_id=group, user_id=601, group=True)
+    sent = fake.wait_for(lambda: fake.sent_messages(group)[1:], ANSWER, "the /help answer")
+    assert sent[0].params["text"].startswith("Commands:\n/help - list the commands")
+
+    earlier = reply_target(sent[0].result["message_id"], group)
+    fake.enqueue_message("and why is that?", chat_id=group, user_id=601, group=True, reply_to=earlier)
+    fake.wait_for(lambda: fake.sent_messages(group)[2:], ANSWER, "the answer to a reply to the bot")
+
+    fake.enqueue_message("/history", chat_id=group, user_id=601, group=True)
+    sent = fake.wait_for(lambda: fake.sent_messages(group)[3:], ANSWER, "the /history answer")
+    history = sent[0].params["text"]
+    assert "You: what is the weather like?\n" in history  # the @mention was taken out
+    assert "You: and why is that?\n" in history
+    assert "chatting among ourselves" not in history
+    assert len(fake.sent_messages(group)) == 4
+
+
+def test_a_long_reply_is_split_with_code_blocks_balanced(fake, bot):
+    chat = 5003
+    fake.enqueue_message("/long", chat_id=chat, user_id=chat)
+    fake.wait_for(lambda: any("The end." in text for text in texts(fake.sent_messages(chat))), ANSWER,
+                  "the last part of the long answer")
+    parts = texts(fake.sent_messages(chat))
+    assert len(parts) >= 3
+    assert all(0 < len(part) <= 4096 for part in parts)
+    assert all(part.count("```") % 2 == 0 for part in parts)
+    joined = "\n".join(parts)
+    assert all(f"print('line {i:02d}')" in joined for i in range(80))
+    assert sum(len(part) for part in parts) >= 10_000
+    replies_to = [call.params.get("reply_parameters") for call in fake.sent_messages(chat)]
+    assert replies_to[0] is not None and all(reply is None for reply in replies_to[1:])
+
+
+def test_two_users_in_a_group_have_separate_memories(fake, bot):
+    group = -1001000000002
+    fake.enqueue_message(f"@{BOT_USERNAME} my name is Alice", chat_id=group, user_id=701, group=True,
+                         first_name="Alice")
+    fake.enqueue_message(f"@{BOT_USERNAME} my name is Bob", chat_id=group, user_id=702, group=True,
+                         first_name="Bob")
+    fake.wait_for(lambda: len(fake.sent_messages(group)) >= 2, ANSWER, "both answers")
+    fake.enqueue_message("/history", chat_id=group, user_id=701, group=True)
+    fake.wait_for(lambda: len(fake.sent_messages(group)) >= 3, ANSWER, "Alice's /history")
+    fake.enqueue_message("/history", chat_id=group, user_id=702, group=True)
+    fake.wait_for(lambda: len(fake.sent_messages(group)) >= 4, ANSWER, "Bob's /history")
+    alice, bob = texts(fake.sent_messages(group))[2:4]
+    assert "You: my name is Alice" in alice and "Bob" not in alice
+    assert "You: my name is Bob" in bob and "Alice" not in bob
+
+
+def test_polling_resumes_after_the_bot_api_fails(fake, bot):
+    failed_before = len([call for call in fake.calls_to("getUpdates") if call.status >= 500])
+    fake.fail_get_updates(2, status=502)
+    fake.fail_get_updates(1, status=500)
+    fake.enqueue_message("are you still there?", chat_id=5004, user_id=5004)
+    fake.wait_for(lambda: fake.sent_messages(5004), 45, "an answer after the outage")
+    failed = [call for call in fake.calls_to("getUpdates") if call.status >= 500]
+    assert len(failed) - failed_before == 3
+    assert bot.process.poll() is None
+
+
+def test_sigterm_while_idle_exits_zero_with_clean_logs(fake, bot):
+    fake.wait_polls(1, 15)
+    started = time.monotonic()
+    bot.process.send_signal(signal.SIGTERM)
+    status = bot.wait(15)
+    assert status == 0, bot.stderr
+    assert time.monotonic() - started < 5
+    log = bot.stderr + bot.stdout
+    assert TOKEN not in log and TOKEN.split(":")[1] not in log
+    assert "Traceback" not in log
+    assert "polling Telegram failed (NetworkError: Bad Gateway); retrying" in log
+
+
+# ---------------------------------------------------------------- bots of their own
+
+
+def test_streaming_sends_once_then_edits_at_the_interval(tmp_path, tiny_gpt2, model_cache):
+    with FakeTelegram(TOKEN) as fake:
+        config = write_config(tmp_path, tiny_gpt2, model_cache, fake.base_url, plugins={"slow": SLOW_PLUGIN},
+                              telegram="stream: true\nstream_interval: 0.3", max_new_tokens=40)
+        bot = Bot(config)
+        try:
+            wait_until_polling(fake, bot)
+            fake.rate_limit_edits(1, retry_after=1)
+            fake.enqueue_message("hello there, how are you today?", chat_id=6001, user_id=6001)
+            fake.wait_for(lambda: fake.sent_messages(6001), ANSWER, "the first words")
+            fake.enqueue_message("/history", chat_id=6001, user_id=6001)
+            fake.wait_for(lambda: len(fake.sent_messages(6001)) >= 2, ANSWER, "the /history answer")
+        finally:
+            status = bot.terminate()
+        assert status == 0, bot.stderr
+        first, history = fake.sent_messages(6001)
+        edits = fake.calls_to("editMessageText", chat_id=6001)
+        limited = [edit for edit in edits if edit.status == 429]
+        applied = [edit for edit in edits if edit.status == 200]
+        assert len(limited) == 1 and len(applied) >= 2, [(e.status, e.params["text"]) for e in edits]
+        assert all(edit.at < history.at for edit in edits)
+        assert all(edit.params["message_id"] == first.result["message_id"] for edit in edits)
+        times = [first.at] + [edit.at for edit in edits]
+        assert all(later - earlier >= 0.28 for earlier, later in zip(times, times[1:]))
+        after_limit = [edit.at for edit in applied if edit.at > limited[0].at]
+        assert after_limit and after_limit[0] - limited[0].at >= 0.95
+        final = applied[-1].params["text"]
+        assert len(final) >= len(first.params["text"])
+        assert f"You: hello there, how are you today?\nchatforge: {final.strip()}" in history.params["text"]
+        assert TOKEN not in bot.stderr and "Traceback" not in bot.stderr
+
+
+def test_webhook_mode_receives_updates_with_the_secret(tmp_path, tiny_gpt2, model_cache):
+    port = free_port()
+    with FakeTelegram(TOKEN) as fake:
+        config = write_config(tmp_path, tiny_gpt2, model_cache, fake.base_url, telegram=f"""
+            mode: webhook
+            port: {port}
+            url: http://127.0.0.1:{port}/telegram-hook
+            secret_token: hook-secret_42
+        """)
+        bot = Bot(config)
+        try:
+            fake.wait_for(lambda: fake.calls_to("setWebhook") or bot.process.poll() is not None, STARTUP,
+                          "setWebhook")
+            assert bot.process.poll() is None, bot.stderr
+            hook = fake.calls_to("setWebhook")[0].params
+            assert hook["url"] == f"http://127.0.0.1:{port}/telegram-hook"
+            assert hook["secret_token"] == "hook-secret_42"
+            update = {"update_id": 1, "message": {
+                "message_id": 10, "date": int(time.time()), "text": "/reset",
+                "chat": {"id": 6101, "type": "private", "first_name": "Ann"},
+                "from": {"id": 6101, "is_bot": False, "first_name": "Ann"}}}
+            assert post_json(f"http://127.0.0.1:{port}/telegram-hook", update, "wrong") == 403
+            assert post_json(f"http://127.0.0.1:{port}/telegram-hook", update, "hook-secret_42") == 200
+            sent = fake.wait_for(lambda: fake.sent_messages(6101), ANSWER, "the /reset answer")
+            assert "nothing to forget" in sent[0].params["text"]
+            assert len(fake.sent_messages(6101)) == 1
+            assert fake.count("getUpdates") == 0
+        finally:
+            status = bot.terminate()
+        assert status == 0, bot.stderr
+
+
+@pytest.mark.parametrize("token", [None, "987654321:AAH-wrong-token-Kp3vN"], ids=["missing", "rejected"])
+def test_a_missing_or_rejected_token_exits_2_naming_the_key(tmp_path, tiny_gpt2, model_cache, token):
+    with FakeTelegram(TOKEN) as fake:
+        config = write_config(tmp_path, tiny_gpt2, model_cache, fake.base_url)
+        bot = Bot(config, token=token)
+        try:
+            status = bot.wait(STARTUP)
+        finally:
+            bot.terminate()
+        output = bot.stdout + bot.stderr
+        assert status == 2, output
+        assert "adapters.telegram.token" in bot.stderr
+        assert "Traceback" not in output
+        if token is not None:
+            assert "Telegram rejected the token" in bot.stderr
+            assert token not in output and token.split(":")[1] not in output
+            assert fake.calls_to("getMe")[0].status == 401
+        else:
+            assert "no token is set" in bot.stderr
+            assert fake.calls == []
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def post_json(url: str, body: dict, secret: str) -> int:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST", headers={
+        "Content-Type": "application/json", "X-Telegram-Bot-Api-Secret-Token": secret})
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback, never a proxy
+    try:
+        with opener.open(request, timeout=10) as response:
+            return response.status
+    except urllib.error.HTTPError as error:
+        return error.code
