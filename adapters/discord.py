@@ -8,8 +8,9 @@
 
 What it does:
 
-- Answers direct messages and messages that @mention the bot (by default; see
-  `respond_to`). The bot's own messages and other bots' are never answered.
+- Answers direct messages and messages that @mention the bot, its role, or
+  reply to one of its messages (by default; see `respond_to`). The bot's own
+  messages, other bots' and webhooks' are never answered.
 - A message that starts with `command_prefix` and names a registered command
   (`/sentiment I love it`) is a command wherever the bot can read it, addressed
   or not. Each command is also a Discord slash command (an application command
@@ -85,10 +86,10 @@ class DiscordConfig(PlatformConfig):
         result = []
         for item in items:
             if isinstance(item, bool) or not isinstance(item, (str, int)):
-                raise ValueError(f'"dm", "mention", "all" or channel ids, got {item!r}')
+                raise ValueError(f'"dm", "mention", "all" or channel ids, not {item!r}')
             text = str(item).strip().lower()
             if text not in KEYWORDS and not (text.isdigit() and 15 <= len(text) <= 21):
-                raise ValueError(f'"dm", "mention", "all" or channel ids (long numbers), got {item!r}')
+                raise ValueError(f'"dm", "mention", "all" or channel ids (long numbers), not {item!r}')
             result.append(text)
         if not result:
             raise ValueError('at least one of "dm", "mention", "all" or a channel id')
@@ -222,6 +223,10 @@ class DiscordAdapter(Adapter):
             async_context.set(_RebasedWebhookAdapter(self.config.api_base))
         intents = discord.Intents.default()
         intents.message_content = True
+        # The bot never joins voice; discord.py warns once per process that voice
+        # libraries are missing (then clears these flags itself). Skip the noise.
+        discord.VoiceClient.warn_nacl = discord.VoiceClient.warn_dave = False
+        # Replies come from a language model: they must never ping @everyone, roles or users.
         self.client = client = _Client(self, intents=intents, allowed_mentions=discord.AllowedMentions.none())
         try:
             try:
@@ -240,7 +245,14 @@ class DiscordAdapter(Adapter):
             if exc.code == 4004:
                 raise AdapterError("adapters.discord.token: Discord rejected the token (gateway close 4004); "
                                    "copy it again from the Developer Portal (Bot -> Reset Token)") from None
+            if not self._stopping:
+                raise
+        except AdapterError:
             raise
+        except Exception:
+            if not self._stopping:
+                raise
+            # stopped while logging in or connecting: what the closed session caused is moot
         finally:
             for task in list(self._background):
                 task.cancel()
@@ -277,8 +289,13 @@ class DiscordAdapter(Adapter):
         """The neutral Message for a Discord message, or None when the bot should stay silent."""
         me = self.client.user
         channel = message.channel
-        mentioned = any(user.id == me.id for user in message.mentions)
-        text = re.sub(rf"<@!?{me.id}>", " ", message.content).strip()
+        own_role = message.guild.self_role if message.guild is not None else None
+        reference = message.reference.resolved if message.reference is not None else None
+        mentioned = (any(user.id == me.id for user in message.mentions)
+                     or (own_role is not None and own_role in message.role_mentions)
+                     or (isinstance(reference, discord.Message) and reference.author.id == me.id))
+        addressing = rf"<@!?{me.id}>" + (rf"|<@&{own_role.id}>" if own_role is not None else "")
+        text = re.sub(rf"[ \t]*(?:{addressing})[ \t]*", " ", message.content).strip()
         direct = message.guild is None
         if isinstance(channel, discord.Thread):
             chat, thread = str(channel.parent_id), str(channel.id)
@@ -333,7 +350,7 @@ class DiscordAdapter(Adapter):
                 if self.config.stream:
                     streaming = StreamingReply(send, _edit, interval=self.config.stream_interval, limit=LIMIT)
                     reply = await self.engine.handle(incoming, on_text=streaming.on_text)
-                    rest = await streaming.finish(reply.text) if reply else []
+                    rest = await streaming.finish(reply.text if reply else "")
                 else:
                     reply = await self.engine.handle(incoming)
             if not reply:

@@ -13,8 +13,9 @@ ignored. Replies are plain text, split at 4096 characters with code blocks
 kept whole; with `stream: true` the first words are sent at once and the
 message is edited as the model writes.
 
-The token is never logged or shown: log records that would contain it (from
-PTB, httpx or anything else) have it replaced by `<token>`.
+The token is never logged or shown: it is masked in every log line (PTB and
+httpx put it in request URLs), and PTB's rejected-token error, which quotes
+it, is replaced by an AdapterError that does not.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from telegram.error import (BadRequest, Conflict, Forbidden, InvalidToken, Netwo
                             TelegramError, TimedOut)
 from telegram.ext import Application, ContextTypes, TypeHandler
 
+from chatforge import redaction
 from chatforge.adapter import Adapter, AdapterError, PlatformConfig
 from chatforge.delivery import RetryAfter as DeliveryRetryAfter
 from chatforge.delivery import StreamingReply, keep_typing, split_message
@@ -84,44 +86,14 @@ class TelegramConfig(PlatformConfig):
         return value
 
 
-class _TokenRedactor(logging.Filter):
-    """Replaces the token in any log record passing through a handler (PTB and httpx put it in URLs)."""
-
-    def __init__(self) -> None:
-        super().__init__("chatforge.telegram.redact")
-        self.tokens: set[str] = set()
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if not self.tokens:
-            return True
-        try:
-            text = record.getMessage()
-        except Exception:  # noqa: BLE001 - a broken record is not ours to fix
-            return True
-        redacted = self._redact(text)
-        if redacted != text:
-            record.msg, record.args = redacted, None
-        if record.exc_info and not record.exc_text:
-            record.exc_text = logging.Formatter().formatException(record.exc_info)
-        if record.exc_text:
-            record.exc_text = self._redact(record.exc_text)
-        return True
-
-    def _redact(self, text: str) -> str:
-        for token in self.tokens:
-            text = text.replace(token, "<token>")
-        return text
-
-
-_REDACTOR = _TokenRedactor()
-
-
 def _protect_logs(token: str) -> None:
-    """Keep the token out of every log line, and keep httpx from logging request URLs at all."""
-    _REDACTOR.tokens.add(token)
-    for handler in logging.getLogger().handlers:
-        if _REDACTOR not in handler.filters:
-            handler.addFilter(_REDACTOR)
+    """Keep the token out of every log line, and keep httpx from logging request URLs at all.
+
+    `chatforge run` registers every configured secret already; this also
+    covers an adapter built in a program or a test.
+    """
+    redaction.REDACTOR.add([token])
+    redaction.install()
     for name in ("httpx", "httpcore"):
         logger = logging.getLogger(name)
         if logger.getEffectiveLevel() < logging.WARNING:
@@ -147,7 +119,7 @@ class TelegramAdapter(Adapter):
         self._stop_requested = asyncio.Event()
         self._finished = asyncio.Event()
         self._running = False
-        self._chat_locks: dict[tuple[int, int | None], asyncio.Lock] = {}
+        self._chat_locks: dict[tuple[int, int | None], tuple[asyncio.Lock, int]] = {}  # lock, messages using it
         self._webhook_runner: Any = None
         self._last_poll_warning: tuple[str, float] = ("", 0.0)
 
@@ -194,6 +166,7 @@ class TelegramAdapter(Adapter):
             builder = builder.base_file_url(base_url[: -len("bot")] + "file/bot")
         application = builder.build()
         application.add_handler(TypeHandler(Update, self._on_update))
+        application.add_error_handler(self._on_error)
         return application
 
     async def _initialize(self, application: Application) -> bool:
@@ -202,13 +175,16 @@ class TelegramAdapter(Adapter):
         while not self._stop_requested.is_set():
             try:
                 await application.initialize()
-            except InvalidToken:
-                # PTB's own message contains the token: it must not travel any further.
+            except InvalidToken as error:
+                # PTB's own message quotes the token: it must not travel any further.
                 await application.bot.shutdown()
-                raise AdapterError(
-                    "adapters.telegram.token: Telegram rejected the token (getMe answered Unauthorized); "
-                    "check it with @BotFather"
-                ) from None
+                answer = str(error.__cause__ or "Unauthorized").replace(application.bot.token, "***")
+                hint = "check it with @BotFather"
+                custom_url = self.config.base_url != TelegramConfig.model_fields["base_url"].default
+                if custom_url and "not found" in answer.lower():  # 404: perhaps no Bot API at that address
+                    hint += f", and adapters.telegram.base_url ({self.config.base_url})"
+                raise AdapterError(f"adapters.telegram.token: Telegram rejected the token "
+                                   f"(getMe answered {answer}); {hint}") from None
             except TelegramError as error:
                 log.warning("cannot reach the Telegram Bot API (%s: %s); retrying in %.0f s",
                             type(error).__name__, error, delay)
@@ -234,12 +210,22 @@ class TelegramAdapter(Adapter):
         if application.running:
             steps.append(("stopping", application.stop))
         steps.append(("finishing replies", self.wait_in_flight))
-        steps.append(("shutting down", application.shutdown))
-        for what, step in steps:
+        try:
+            for what, step in steps:
+                try:
+                    await step()
+                except Exception as exc:  # noqa: BLE001 - shut down as much as possible
+                    log.warning("error while %s: %s: %s", what, type(exc).__name__, exc)
+        finally:  # also when `chatforge run` gave up waiting and cancelled us: close the connections
+            for task in list(self.in_flight):
+                task.cancel()
             try:
-                await step()
-            except Exception as exc:  # noqa: BLE001 - shut down as much as possible
-                log.warning("error while %s: %s: %s", what, type(exc).__name__, exc)
+                if application.running:  # cancelled while stopping: PTB refuses shutdown(); close the bot's connections
+                    await application.bot.shutdown()
+                else:
+                    await application.shutdown()
+            except Exception as exc:  # noqa: BLE001
+                log.warning("error while shutting down: %s: %s", type(exc).__name__, exc)
 
     def _polling_error(self, error: TelegramError) -> None:
         """One line per failure (no traceback); the same failure repeated is logged once a minute."""
@@ -306,7 +292,10 @@ class TelegramAdapter(Adapter):
             raise AdapterError(f"adapters.telegram.port: cannot listen on {self.config.listen}:{self.config.port} "
                                f"({error.strerror or error})") from None
         self._webhook_runner = runner
-        await bot.set_webhook(self.config.url, secret_token=secret, allowed_updates=[Update.MESSAGE])
+        try:
+            await bot.set_webhook(self.config.url, secret_token=secret, allowed_updates=[Update.MESSAGE])
+        except BadRequest as error:
+            raise AdapterError(f"adapters.telegram.url: Telegram refused the webhook URL ({error})") from None
 
     async def _stop_webhook(self) -> None:
         runner, self._webhook_runner = self._webhook_runner, None
@@ -322,6 +311,11 @@ class TelegramAdapter(Adapter):
         if incoming is not None:
             self.track(self._answer(message, incoming))
 
+    async def _on_error(self, _update: object, context: ContextTypes.DEFAULT_TYPE) -> None:
+        error = context.error
+        log.error("could not handle a Telegram update: %s: %s", type(error).__name__, error)
+        log.debug("traceback", exc_info=error)
+
     def to_message(self, message: telegram.Message, update: Any = None) -> Message | None:
         """The chatforge Message, or None when the bot should stay out of it."""
         user = message.from_user
@@ -332,9 +326,10 @@ class TelegramAdapter(Adapter):
         mentioned = self._mentions_me(message)
         replied_to_me = self._replies_to_me(message)
         prefix = self.engine.command_prefix
+        first_word = text.split(maxsplit=1)[0] if text.strip() else ""
         is_command = text.startswith(prefix)
         if is_command and not direct:
-            addressee = text[len(prefix):].split(maxsplit=1)[0].partition("@")[2] if text[len(prefix):].strip() else ""
+            addressee = first_word.partition("@")[2]
             if addressee and addressee.lower() != self.username.lower():
                 return None  # /help@other_bot
         if not direct:
@@ -348,6 +343,8 @@ class TelegramAdapter(Adapter):
         if mentioned and self.username:
             text = re.sub(rf"(?<!\w)@{re.escape(self.username)}\b[,:]?", " ", text, flags=re.IGNORECASE)
             text = re.sub(r"[ \t]{2,}", " ", text).strip()
+        if first_word.partition("@")[0] == "/start" and prefix == "/" and self.engine.commands.get("start") is None:
+            text = "/help"  # what Telegram sends when someone opens the bot: greet them with the commands
         thread = message.message_thread_id if message.is_topic_message else None
         return Message(
             text=text,
@@ -383,14 +380,20 @@ class TelegramAdapter(Adapter):
 
     async def _answer(self, message: telegram.Message, incoming: Message) -> None:
         key = (message.chat.id, message.message_thread_id if message.is_topic_message else None)
-        lock = self._chat_locks.setdefault(key, asyncio.Lock())
+        lock, users = self._chat_locks.get(key, (asyncio.Lock(), 0))
+        self._chat_locks[key] = (lock, users + 1)
         try:
             async with lock:  # one reply at a time per chat, in the order the messages came
                 await self._reply(message, incoming)
+        except TelegramError as error:  # blocked by the user, chat gone, Telegram down...
+            log.warning("could not reply in chat %s: %s: %s", incoming.chat, type(error).__name__, error)
         except Exception:  # noqa: BLE001 - one failed reply must not stop the bot
             log.exception("could not answer a message in chat %s", incoming.chat)
         finally:
-            if not lock.locked() and self._chat_locks.get(key) is lock:
+            lock, users = self._chat_locks[key]
+            if users > 1:
+                self._chat_locks[key] = (lock, users - 1)
+            else:
                 del self._chat_locks[key]
 
     async def _reply(self, message: telegram.Message, incoming: Message) -> None:
@@ -454,11 +457,8 @@ class TelegramAdapter(Adapter):
                 wait = min(_seconds(limited), 60.0)
                 log.info("Telegram asks to wait %.0f s before sending", wait)
                 await asyncio.sleep(wait)
-            except Forbidden as error:
-                log.info("cannot send to chat %s: %s", chat_id, error)
-                raise
-            except (BadRequest, TimedOut):
-                raise  # a timed-out send may have arrived: resending could duplicate it
+            except (BadRequest, Forbidden, TimedOut):
+                raise  # not worth retrying; and a timed-out send may have arrived: resending could duplicate it
             except NetworkError as error:  # the request did not get through (502, connection refused...)
                 if attempt == 3:
                     raise

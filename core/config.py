@@ -14,12 +14,13 @@ import difflib
 import json
 import os
 import re
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, ValidationError
 from pydantic_core import PydanticCustomError
 
 CONFIG_ENV_VAR = "CHATFORGE_CONFIG"
@@ -252,10 +253,27 @@ def issues_from_validation(
             message = item["msg"]
             message = re.sub(r"^(Input should be|Value should be|Value error,) ?", "must be ", message)
             message = message.replace("must be must be", "must be")
-            if "input" in item and kind not in ("model_type", "dict_type"):
+            if "input" in item and kind not in ("model_type", "dict_type") and not _is_secret(loc, model):
                 message += f", got {_describe(item['input'])}"
         issues.append(ConfigIssue(path, message))
     return issues
+
+
+def _is_secret(loc: list[str], model: type[BaseModel]) -> bool:
+    """Whether the value at `loc` is a SecretStr field (its bad value must not be echoed)."""
+    fields: dict[str, Any] = model.model_fields
+    for part in loc:
+        info = fields.get(part)
+        if info is None:
+            return False
+        annotations = [info.annotation, *typing.get_args(info.annotation)]
+        if SecretStr in annotations:
+            return True
+        nested = [a for a in annotations if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not nested:
+            return False
+        fields = nested[0].model_fields
+    return False
 
 
 def _suggestion(loc: list[str], model: type[BaseModel]) -> str:

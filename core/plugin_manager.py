@@ -42,6 +42,8 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "summarize": "chatforge.plugins.summarize",
     "translate": "chatforge.plugins.translate",
     "console": "chatforge.adapters.console",
+    "discord": "chatforge.adapters.discord",
+    "telegram": "chatforge.adapters.telegram",
 }
 
 

@@ -69,6 +69,8 @@ class FakeDiscord:
         self.gateway_log: list[tuple[str, Any]] = []
         """("identify" | "resume" | "heartbeat" | "connect" | "other", payload) in order."""
         self.connections = 0
+        self.close_on_identify: int | None = None
+        """Answer IDENTIFY by closing with this code (4014: intents refused; 4004: bad token)."""
         self._changed = threading.Condition()
         self._ids = itertools.count(910000000000000000)
         self._seq = itertools.count(1)
@@ -366,8 +368,11 @@ class FakeDiscord:
                 await ws.send_str(json.dumps({"op": 11}))
             elif op == 2:
                 self._record("identify", {"intents": data.get("intents")})
-                if data.get("token") != self.token:
+                if data.get("token") != self.token or self.close_on_identify == 4004:
                     await ws.close(code=4004, message=b"Authentication failed.")
+                    break
+                if self.close_on_identify:
+                    await ws.close(code=self.close_on_identify, message=b"Closed by the fake.")
                     break
                 await self._send_ready(ws)
             elif op == 6:

@@ -125,7 +125,7 @@ def test_run_starts_the_adapters_named_on_the_command_line(cli, tiny_config):
     result = cli("run", "--adapter", "console", "-c", str(tiny_config), stdin="/reset\n")
     assert result.returncode == 0 and "nothing to forget" in result.stdout
     unknown = cli("run", "--adapter", "irc", "-c", str(tiny_config))
-    assert unknown.returncode == 2 and 'adapters.irc: no adapter named "irc" (available: console)' in unknown.stderr
+    assert unknown.returncode == 2 and 'adapters.irc: no adapter named "irc" (available: console, discord, telegram)' in unknown.stderr
 
 
 @pytest.mark.parametrize("command", [[], ["chat"], ["run"], ["plugins"], ["config", "check"]])
@@ -198,3 +198,11 @@ def test_secrets_never_reach_the_logs(cli, tiny_config):
     assert "connecting with key *** to https://api.example/***/x" in result.stderr
     assert "auth failed for ***" in result.stderr
     assert secret not in result.stderr and secret not in result.stdout
+
+
+def test_a_bad_secret_value_is_never_echoed(cli, tmp_path):
+    (tmp_path / "config.yaml").write_text("adapters:\n  telegram:\n    token: [\"s3cret-in-a-list\"]\n")
+    result = cli("config", "check", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "config.yaml:3: adapters.telegram.token: must be a valid string" in result.stderr
+    assert "s3cret-in-a-list" not in result.stderr

@@ -28,19 +28,25 @@ CHATFORGE = str(Path(sys.executable).parent / "chatforge")
 STARTUP = 120  # seconds to import torch, load the tiny model and reach Telegram (a busy CI machine)
 ANSWER = 60  # seconds for one answer
 
-LONG_PLUGIN = '''
+COMMANDS_PLUGIN = '''
+import asyncio
 from chatforge import hookimpl
 
 def long_command(ctx):
-    prose = "\\n\\n".join(f"Paragraph {i}: " + "words " * 60 for i in range(12))
+    prose = "\\n\\n".join(f"Paragraph {i}: " + "words " * 60 for i in range(16))
     code = "```python\\n" + "\\n".join(f"print('line {i:02d}')  # " + "x" * 45 for i in range(80)) + "\\n```"
     text = prose + "\\n\\n" + code + "\\n\\nThe end."
     assert len(text) >= 10_000
     return text
 
+async def slow_command(ctx):
+    await asyncio.sleep(2)
+    return "done slowly"
+
 @hookimpl
 def chatforge_register_commands(register):
     register("long", long_command, help="a very long answer")
+    register("slow", slow_command, help="an answer that takes two seconds")
 '''
 
 # A model that writes slowly: the real generator's pieces, replayed 50 ms apart.
@@ -163,7 +169,7 @@ def fake():
 @pytest.fixture(scope="module")
 def bot(fake, tmp_path_factory, tiny_gpt2, model_cache):
     folder = tmp_path_factory.mktemp("telegram-bot")
-    config = write_config(folder, tiny_gpt2, model_cache, fake.base_url, plugins={"long": LONG_PLUGIN})
+    config = write_config(folder, tiny_gpt2, model_cache, fake.base_url, plugins={"commands": COMMANDS_PLUGIN})
     process = Bot(config)
     try:
         wait_until_polling(fake, process)
@@ -182,6 +188,10 @@ def test_a_private_message_gets_a_reply_to_it(fake, bot):
     sent = fake.wait_for(lambda: fake.sent_messages(5001)[1:], ANSWER, "the /sentiment answer")
     assert sent[0].params["text"].startswith("positive")
 
+    fake.enqueue_message("/start", chat_id=5001, user_id=5001)  # what Telegram sends when a user opens the bot
+    sent = fake.wait_for(lambda: fake.sent_messages(5001)[2:], ANSWER, "the /start answer")
+    assert sent[0].params["text"].startswith("Commands:\n")
+
 
 def test_typing_is_shown_while_answering(fake, bot):
     fake.enqueue_message("are you typing?", chat_id=5002, user_id=5002)
@@ -194,7 +204,7 @@ def test_typing_is_shown_while_answering(fake, bot):
 def test_the_command_menu_lists_the_commands(fake, bot):
     commands = fake.calls_to("setMyCommands")[-1].params["commands"]
     names = [command["command"] for command in commands]
-    assert {"help", "history", "reset", "sentiment", "long"} <= set(names)
+    assert {"help", "history", "reset", "sentiment", "long", "slow"} <= set(names)
     assert all(command["description"] for command in commands)
     help_line = next(command for command in commands if command["command"] == "help")
     assert help_line["description"] == "list the commands"
@@ -268,13 +278,16 @@ def test_two_users_in_a_group_have_separate_memories(fake, bot):
 
 
 def test_polling_resumes_after_the_bot_api_fails(fake, bot):
-    failed_before = len([call for call in fake.calls_to("getUpdates") if call.status >= 500])
+    def failures() -> int:
+        return len([call for call in fake.calls_to("getUpdates") if call.status >= 500])
+
+    before = failures()
     fake.fail_get_updates(2, status=502)
     fake.fail_get_updates(1, status=500)
+    # PTB backs off 1, 1.5 and 2.25 s after each failure.
+    fake.wait_for(lambda: failures() - before == 3, 30, "three failed getUpdates calls")
     fake.enqueue_message("are you still there?", chat_id=5004, user_id=5004)
-    fake.wait_for(lambda: fake.sent_messages(5004), 45, "an answer after the outage")
-    failed = [call for call in fake.calls_to("getUpdates") if call.status >= 500]
-    assert len(failed) - failed_before == 3
+    fake.wait_for(lambda: fake.sent_messages(5004), 30, "an answer after the outage")
     assert bot.process.poll() is None
 
 
@@ -326,10 +339,12 @@ def test_streaming_sends_once_then_edits_at_the_interval(tmp_path, tiny_gpt2, mo
         assert TOKEN not in bot.stderr and "Traceback" not in bot.stderr
 
 
-def test_webhook_mode_receives_updates_with_the_secret(tmp_path, tiny_gpt2, model_cache):
+def test_webhook_mode_and_a_reply_in_flight_at_sigterm(tmp_path, tiny_gpt2, model_cache):
     port = free_port()
+    hook = f"http://127.0.0.1:{port}/telegram-hook"
     with FakeTelegram(TOKEN) as fake:
-        config = write_config(tmp_path, tiny_gpt2, model_cache, fake.base_url, telegram=f"""
+        config = write_config(tmp_path, tiny_gpt2, model_cache, fake.base_url, plugins={"commands": COMMANDS_PLUGIN},
+                              telegram=f"""
             mode: webhook
             port: {port}
             url: http://127.0.0.1:{port}/telegram-hook
@@ -340,22 +355,35 @@ def test_webhook_mode_receives_updates_with_the_secret(tmp_path, tiny_gpt2, mode
             fake.wait_for(lambda: fake.calls_to("setWebhook") or bot.process.poll() is not None, STARTUP,
                           "setWebhook")
             assert bot.process.poll() is None, bot.stderr
-            hook = fake.calls_to("setWebhook")[0].params
-            assert hook["url"] == f"http://127.0.0.1:{port}/telegram-hook"
-            assert hook["secret_token"] == "hook-secret_42"
-            update = {"update_id": 1, "message": {
-                "message_id": 10, "date": int(time.time()), "text": "/reset",
-                "chat": {"id": 6101, "type": "private", "first_name": "Ann"},
-                "from": {"id": 6101, "is_bot": False, "first_name": "Ann"}}}
-            assert post_json(f"http://127.0.0.1:{port}/telegram-hook", update, "wrong") == 403
-            assert post_json(f"http://127.0.0.1:{port}/telegram-hook", update, "hook-secret_42") == 200
+            registered = fake.calls_to("setWebhook")[0].params
+            assert registered["url"] == hook and registered["secret_token"] == "hook-secret_42"
+            assert post_json(hook, update(1, "/reset"), "wrong-secret") == 403
+            assert post_json(hook, update(1, "/reset"), "hook-secret_42") == 200
             sent = fake.wait_for(lambda: fake.sent_messages(6101), ANSWER, "the /reset answer")
             assert "nothing to forget" in sent[0].params["text"]
             assert len(fake.sent_messages(6101)) == 1
             assert fake.count("getUpdates") == 0
+
+            # SIGTERM while a reply is being worked on: it is still sent, then the bot exits 0.
+            typing_before = len(fake.calls_to("sendChatAction", chat_id=6101))
+            assert post_json(hook, update(2, "/slow"), "hook-secret_42") == 200
+            fake.wait_for(lambda: len(fake.calls_to("sendChatAction", chat_id=6101)) > typing_before, 10,
+                          "typing for /slow")
+            bot.process.send_signal(signal.SIGTERM)
+            status = bot.wait(15)
         finally:
-            status = bot.terminate()
+            bot.terminate()
         assert status == 0, bot.stderr
+        assert texts(fake.sent_messages(6101)) == ["There was nothing to forget: this conversation is already empty.",
+                                                   "done slowly"]
+        assert "Traceback" not in bot.stderr
+
+
+def update(update_id: int, text: str, chat_id: int = 6101) -> dict:
+    return {"update_id": update_id, "message": {
+        "message_id": 10 + update_id, "date": int(time.time()), "text": text,
+        "chat": {"id": chat_id, "type": "private", "first_name": "Ann"},
+        "from": {"id": chat_id, "is_bot": False, "first_name": "Ann"}}}
 
 
 @pytest.mark.parametrize("token", [None, "987654321:AAH-wrong-token-Kp3vN"], ids=["missing", "rejected"])
@@ -395,3 +423,18 @@ def post_json(url: str, body: dict, secret: str) -> int:
             return response.status
     except urllib.error.HTTPError as error:
         return error.code
+
+
+@pytest.mark.parametrize("line, expected", [
+    ("mode: push", "adapters.telegram.mode"),
+    ("secret_token: has spaces!", "adapters.telegram.secret_token"),
+    ("poll_timeout: 3600", "adapters.telegram.poll_timeout"),
+    ("tokn: abc", "adapters.telegram.tokn"),
+])
+def test_config_check_names_a_bad_telegram_key(cli, tmp_path, line, expected):
+    (tmp_path / "config.yaml").write_text(
+        f"plugins:\n  telegram:\n    module: chatforge.adapters.telegram\n"
+        f"adapters:\n  telegram:\n    enabled: true\n    {line}\n")
+    result = cli("config", "check", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert expected in result.stderr and "Traceback" not in result.stderr

@@ -1,0 +1,479 @@
+"""The Discord adapter end to end: `chatforge run` (discord.py inside) against a fake Discord on loopback.
+
+The fake (tests/fake_discord.py) speaks Discord's REST API and gateway on
+127.0.0.1; the bot runs as a subprocess on the tiny GPT-2, so replies from the
+model are garbage: tests check the plumbing, and use commands (/help,
+/history, /sentiment, and /long from a plugin file) where text matters.
+Every wait is bounded; every bot process is stopped (SIGTERM, then kill).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from fake_discord import (APP_ID, BOT_USER, CHANNEL_ID, DM_CHANNEL_ID, OTHER_CHANNEL_ID, THREAD_ID, FakeDiscord,
+                          Request, user)
+
+CHATFORGE = str(Path(sys.executable).parent / "chatforge")
+TOKEN = "test-token-Zq8xWv3Kp"
+READY_WITHIN = 120  # model loading in a cold subprocess on a busy machine
+REPLY_WITHIN = 30
+QUIET_FOR = 1.5  # how long "no reply" is waited for
+
+ALICE = user("100000000000000001", "alice")
+BOB = user("100000000000000002", "bob")
+OTHER_BOT = user("100000000000000003", "otherbot", bot=True)
+
+LONG_PLUGIN = '''
+import asyncio
+
+from chatforge import hookimpl
+
+
+def long_command(ctx):
+    prose = "\\n\\n".join(f"Paragraph {i}: " + "lorem ipsum dolor sit amet " * 12 for i in range(6))
+    code = "\\n".join(f"line_{i} = {i} * 2  # a line of code in a long listing" for i in range(70))
+    return f"{prose}\\n\\n```python\\n{code}\\n```\\n\\nThe end."
+
+
+async def slow_command(ctx):
+    await asyncio.sleep(2.5)  # longer than an interaction may wait for its answer
+    return f"slow answer to {ctx.args}"
+
+
+@hookimpl
+def chatforge_register_commands(register):
+    register("long", long_command, help="a long answer with a code block")
+    register("slow", slow_command, help="answers after 2.5 s", usage="TEXT")
+'''
+
+PACED_PLUGIN = '''
+import asyncio
+
+from chatforge import hookimpl
+
+WORDS = [f"word{i} " for i in range(24)]
+
+
+class PacedGenerator:
+    """Streams a known text at a known pace, so that edits can be counted."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    async def reply(self, history, text, on_text=None):
+        for word in WORDS:
+            await asyncio.sleep(0.06)
+            if on_text is not None:
+                on_text(word)
+        return "".join(WORDS).strip()
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+@hookimpl
+def chatforge_startup(bot):
+    bot.generator = PacedGenerator(bot.generator)
+'''
+PACED_TEXT = " ".join(f"word{i}" for i in range(24))
+
+
+# ---------------------------------------------------------------- running the bot
+
+
+class Bot:
+    """A `chatforge run` subprocess serving on the fake Discord."""
+
+    def __init__(self, folder: Path, fake: FakeDiscord, adapter_yaml: str, plugins_yaml: str = "",
+                 token: str | None = TOKEN, model: Path | None = None, cache: Path | None = None) -> None:
+        self.folder, self.fake = folder, fake
+        self.config = folder / "config.yaml"
+        self.config.write_text(textwrap.dedent(f"""
+            generator:
+              model: {model}
+              temperature: 0
+              max_new_tokens: 8
+              cache_dir: {cache}
+            memory:
+              path: {folder / "memory.sqlite3"}
+            plugins:
+              discord:
+                module: chatforge.adapters.discord
+            """) + textwrap.indent(textwrap.dedent(plugins_yaml), "  ") + textwrap.dedent(f"""
+            adapters:
+              discord:
+                enabled: true
+                token: ${{TEST_DISCORD_TOKEN}}
+                api_base: {fake.api_base}
+                gateway_url: {fake.gateway_url}
+            """) + textwrap.indent(textwrap.dedent(adapter_yaml), "    "))
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+        env.pop("TEST_DISCORD_TOKEN", None)
+        if token is not None:
+            env["TEST_DISCORD_TOKEN"] = token
+        self.stdout_path, self.stderr_path = folder / "stdout.txt", folder / "stderr.txt"
+        with self.stdout_path.open("w") as out, self.stderr_path.open("w") as err:
+            self.process = subprocess.Popen([CHATFORGE, "run", "--config", str(self.config)], cwd=folder,
+                                            env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err)
+
+    @property
+    def stdout(self) -> str:
+        return self.stdout_path.read_text(errors="replace")
+
+    @property
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace")
+
+    def wait_ready(self) -> None:
+        def ready() -> bool:
+            if self.process.poll() is not None:
+                raise AssertionError(f"chatforge run exited with {self.process.returncode}:\n{self.stderr}")
+            return any(kind == "ready-sent" for kind, _ in self.fake.gateway_log)
+
+        self.fake.wait_until(ready, READY_WITHIN, "the bot to connect to the gateway")
+
+    def wait_exit(self, timeout: float) -> int:
+        return self.process.wait(timeout)
+
+    def stop(self, timeout: float = 15) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+        return self.process.returncode
+
+
+def replies_to(fake: FakeDiscord, message_id: str, since: int = 0) -> list[Request]:
+    """The bot's messages sent as a reply to `message_id`."""
+    return [r for r in fake.find("POST", r"/channels/\d+/messages", since)
+            if str(((r.body or {}).get("message_reference") or {}).get("message_id")) == message_id]
+
+
+def wait_reply(fake: FakeDiscord, message_id: str, since: int = 0, timeout: float = REPLY_WITHIN) -> Request:
+    return fake.wait_until(lambda: replies_to(fake, message_id, since), timeout, f"a reply to {message_id}")[0]
+
+
+def content(request: Request) -> str:
+    return (request.body or {}).get("content") or ""
+
+
+# ---------------------------------------------------------------- the shared bot
+
+
+@pytest.fixture(scope="module")
+def fake():
+    with FakeDiscord(TOKEN) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def bot(fake, tmp_path_factory, tiny_gpt2, model_cache):
+    folder = tmp_path_factory.mktemp("discord-bot")
+    (folder / "long.py").write_text(LONG_PLUGIN)
+    running = Bot(folder, fake, f"respond_to: [dm, mention, '{OTHER_CHANNEL_ID}']\n",
+                  "long:\n  module: ./long.py\n", model=tiny_gpt2, cache=model_cache)
+    try:
+        running.wait_ready()
+        yield running
+    finally:
+        running.stop()
+
+
+def test_a_dm_and_a_mention_each_get_a_reply_to_the_message(bot, fake):
+    since = fake.mark()
+    dm = fake.dispatch_dm("hello there", ALICE)
+    mention = fake.dispatch_message("how are you today?", ALICE, mention=True)
+    in_dm = wait_reply(fake, dm, since)
+    in_channel = wait_reply(fake, mention, since)
+    assert in_dm.path == f"/channels/{DM_CHANNEL_ID}/messages" and content(in_dm).strip()
+    assert in_channel.path == f"/channels/{CHANNEL_ID}/messages" and content(in_channel).strip()
+    for reply in (in_dm, in_channel):
+        assert reply.body["allowed_mentions"]["parse"] == [] and reply.body["allowed_mentions"]["replied_user"] is False
+        assert len(content(reply)) <= 2000
+
+
+def test_typing_is_shown_while_the_model_works(bot, fake):
+    since = fake.mark()
+    mention = fake.dispatch_message("tell me something", BOB, mention=True)
+    wait_reply(fake, mention, since)
+    typing = fake.find("POST", rf"/channels/{CHANNEL_ID}/typing", since)
+    assert typing and typing[0].at <= replies_to(fake, mention, since)[0].at
+
+
+def test_a_channel_listed_in_respond_to_gets_answers_without_a_mention(bot, fake):
+    since = fake.mark()
+    message = fake.dispatch_message("anyone here?", ALICE, channel_id=OTHER_CHANNEL_ID)
+    assert wait_reply(fake, message, since).path == f"/channels/{OTHER_CHANNEL_ID}/messages"
+
+
+def test_sentiment_typed_as_a_message_is_a_command(bot, fake):
+    since = fake.mark()
+    message = fake.dispatch_message("/sentiment I love it", ALICE)  # a command needs no mention
+    assert content(wait_reply(fake, message, since)).startswith("positive (+")
+
+
+def test_slash_commands_are_synced_and_answered(bot, fake):
+    synced = fake.find("PUT", r"/applications/\d+/commands")
+    assert synced, "the slash commands were not synced"
+    commands = {command["name"]: command for command in synced[-1].body}
+    assert {"help", "history", "reset", "sentiment", "long"} <= set(commands)
+    assert commands["help"]["description"] == "list the commands" and commands["help"]["options"] == []
+    assert [option["name"] for option in commands["sentiment"]["options"]] == ["args"]
+    assert commands["sentiment"]["options"][0]["type"] == 3 and not commands["sentiment"]["options"][0]["required"]
+
+    since = fake.mark()
+    interaction, token = fake.dispatch_slash("sentiment", BOB, "I love it")
+    answer = fake.wait_for("POST", rf"/interactions/{interaction}/{re.escape(token)}/callback", since,
+                           timeout=REPLY_WITHIN)[0]
+    assert answer.body["type"] == 4 and answer.body["data"]["content"].startswith("positive (+")
+
+    interaction, token = fake.dispatch_slash("help", BOB)
+    answer = fake.wait_for("POST", rf"/interactions/{interaction}/{re.escape(token)}/callback", since,
+                           timeout=REPLY_WITHIN)[0]
+    assert answer.body["data"]["content"].startswith("Commands:\n/help - list the commands")
+
+
+def test_a_slow_slash_command_is_deferred_then_followed_up(bot, fake):
+    since = fake.mark()
+    interaction, token = fake.dispatch_slash("slow", ALICE, "please")
+    callback = fake.wait_for("POST", rf"/interactions/{interaction}/{re.escape(token)}/callback", since,
+                             timeout=REPLY_WITHIN)[0]
+    assert callback.body["type"] == 5  # "thinking..."
+    follow_up = fake.wait_for("POST", rf"/webhooks/{APP_ID}/{re.escape(token)}", since, timeout=REPLY_WITHIN)[0]
+    assert follow_up.body["content"] == "slow answer to please"
+    assert follow_up.at - callback.at >= 0.3
+
+    since = fake.mark()
+    interaction, token = fake.dispatch_slash("long", ALICE)
+    first = fake.wait_for("POST", rf"/interactions/{interaction}/{re.escape(token)}/callback", since,
+                          timeout=REPLY_WITHIN)[0]
+    rest = fake.wait_until(lambda: (found := fake.find("POST", rf"/webhooks/{APP_ID}/{re.escape(token)}", since))
+                           and "The end." in found[-1].body["content"] and found, REPLY_WITHIN, "the last part")
+    texts = [first.body["data"]["content"]] + [part.body["content"] for part in rest]
+    assert len(texts) >= 3 and all(len(text) <= 2000 for text in texts)
+
+
+def test_config_check_names_a_bad_respond_to(tmp_path, cli):
+    (tmp_path / "config.yaml").write_text(textwrap.dedent("""
+        plugins:
+          discord:
+            module: chatforge.adapters.discord
+        adapters:
+          discord:
+            respond_to: [dm, everyone]
+            gateway_url: https://gateway.example
+    """))
+    result = cli("config", "check", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "config.yaml:7: adapters.discord.respond_to: must be \"dm\", \"mention\", \"all\" or channel ids" \
+        in result.stderr
+    assert "config.yaml:8: adapters.discord.gateway_url: must be a ws(s):// URL" in result.stderr
+
+
+def test_a_long_reply_is_split_into_messages_with_balanced_code_fences(bot, fake):
+    since = fake.mark()
+    message = fake.dispatch_message("/long", ALICE, mention=True)
+    wait_reply(fake, message, since)
+    parts = fake.wait_until(lambda: (found := fake.sent_messages(CHANNEL_ID, since)) and
+                            "The end." in content(found[-1]) and found, REPLY_WITHIN, "the last part")
+    texts = [content(part) for part in parts]
+    assert len(texts) >= 3 and sum(map(len, texts)) > 5000
+    assert all(len(text) <= 2000 for text in texts)
+    for text in texts:
+        assert sum(1 for line in text.splitlines() if line.startswith("```")) % 2 == 0, text
+    assert str(parts[0].body["message_reference"]["message_id"]) == message
+    assert all("message_reference" not in part.body for part in parts[1:])
+    joined = "\n".join(texts)
+    assert all(f"line_{i} = {i} * 2" in joined for i in range(70))
+
+
+def test_the_bot_ignores_itself_and_other_bots(bot, fake):
+    since = fake.mark()
+    own = fake.dispatch_message("/help", BOT_USER, mention=True)
+    other = fake.dispatch_message("/help", OTHER_BOT, mention=True)
+    other_dm = fake.dispatch_dm("/help", OTHER_BOT)
+    control = fake.dispatch_dm("/help", ALICE)
+    wait_reply(fake, control, since)
+    time.sleep(QUIET_FOR)
+    assert not replies_to(fake, own, since) and not replies_to(fake, other, since)
+    assert not replies_to(fake, other_dm, since)
+    assert len(fake.find("POST", r"/channels/\d+/messages", since)) == 1
+
+
+def test_two_users_in_one_channel_keep_separate_memories(bot, fake):
+    since = fake.mark()
+    alice_line = fake.dispatch_message("alice likes green apples", ALICE, channel_id=THREAD_ID, mention=True)
+    bob_line = fake.dispatch_message("bob prefers red cherries", BOB, channel_id=THREAD_ID, mention=True)
+    wait_reply(fake, alice_line, since)
+    wait_reply(fake, bob_line, since)
+    alice_history = content(wait_reply(fake, fake.dispatch_message("/history", ALICE, channel_id=THREAD_ID), since))
+    bob_history = content(wait_reply(fake, fake.dispatch_message("/history", BOB, channel_id=THREAD_ID), since))
+    assert "You: alice likes green apples" in alice_history and "cherries" not in alice_history
+    assert "You: bob prefers red cherries" in bob_history and "apples" not in bob_history
+    # The thread's replies went to the thread itself.
+    assert fake.sent_messages(THREAD_ID, since)
+
+
+def test_the_bot_reconnects_after_the_gateway_closes(bot, fake):
+    resumes, identifies = fake.resumes(), fake.identifies()
+    fake.close_gateway(4000)
+    fake.wait_until(lambda: fake.resumes() + fake.identifies() > resumes + identifies, 20, "a RESUME")
+    since = fake.mark()
+    message = fake.dispatch_dm("/sentiment what a great day", ALICE)
+    assert content(wait_reply(fake, message, since)).startswith("positive")
+
+    fake.close_gateway(1000)  # a plain close: discord.py waits a random backoff, then resumes
+    fake.wait_until(lambda: fake.resumes() + fake.identifies() > resumes + identifies + 1, 20, "a second RESUME")
+    since = fake.mark()
+    message = fake.dispatch_message("/help", BOB, mention=True)
+    assert content(wait_reply(fake, message, since)).startswith("Commands:")
+
+
+# ---------------------------------------------------------------- streaming, respond_to: [mention]
+
+
+@pytest.fixture(scope="module")
+def stream_fake():
+    with FakeDiscord(TOKEN) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def stream_bot(stream_fake, tmp_path_factory, tiny_gpt2, model_cache):
+    folder = tmp_path_factory.mktemp("discord-stream")
+    (folder / "paced.py").write_text(PACED_PLUGIN)
+    running = Bot(folder, stream_fake, "respond_to: [mention]\nstream: true\nstream_interval: 0.3\n",
+                  "paced:\n  module: ./paced.py\n", model=tiny_gpt2, cache=model_cache)
+    try:
+        running.wait_ready()
+        yield running
+    finally:
+        running.stop()
+
+
+def test_only_mentions_are_answered_with_respond_to_mention(stream_bot, stream_fake):
+    fake = stream_fake
+    since = fake.mark()
+    plain = fake.dispatch_message("is anybody listening?", ALICE)
+    dm = fake.dispatch_dm("a private word", ALICE)
+    mention = fake.dispatch_message("you are", ALICE, mention=True)
+    fake.wait_until(lambda: fake.find("PATCH", r"/channels/\d+/messages/\d+", since,
+                                      where=lambda r: content(r) == PACED_TEXT), REPLY_WITHIN, "the final text")
+    time.sleep(QUIET_FOR)
+    assert replies_to(fake, mention, since)
+    assert not replies_to(fake, plain, since) and not replies_to(fake, dm, since)
+    assert not fake.sent_messages(DM_CHANNEL_ID, since)
+
+
+def test_streaming_edits_no_faster_than_the_interval_and_honours_a_429(stream_bot, stream_fake):
+    fake = stream_fake
+    fake.rate_limit_edits(1, retry_after=0.8)
+    since = fake.mark()
+    mention = fake.dispatch_message("stream to me", BOB, mention=True)
+    first = wait_reply(fake, mention, since)
+    message_path = rf"/channels/{CHANNEL_ID}/messages/\d+"
+    fake.wait_until(lambda: fake.find("PATCH", message_path, since, where=lambda r: content(r) == PACED_TEXT),
+                    REPLY_WITHIN, "the final text")
+    assert len(fake.sent_messages(CHANNEL_ID, since)) == 1  # one message, then edits
+    assert content(first) and PACED_TEXT.startswith(content(first).rstrip("… ").rstrip())
+    edits = fake.find("PATCH", message_path, since)
+    limited = [edit for edit in edits if edit.status == 429]
+    assert len(limited) == 1 and len(edits) >= 3
+    after = edits[edits.index(limited[0]) + 1]
+    assert after.at - limited[0].at >= 0.8 - 0.05, "the edit after a 429 came before retry_after"
+    times = [first.at] + [edit.at for edit in edits]
+    assert all(later - earlier >= 0.3 - 0.05 for earlier, later in zip(times, times[1:])), times
+    assert content(edits[-1]) == PACED_TEXT
+
+
+# ---------------------------------------------------------------- tokens and signals
+
+
+@pytest.mark.parametrize("token, gateway_close, expected", [
+    ("", None, "adapters.discord.token: no token is set"),
+    ("wrong-token-Jh5Tq9Lm", None, "adapters.discord.token: Discord rejected the token (401 Unauthorized)"),
+    (TOKEN, 4004, "adapters.discord.token: Discord rejected the token (gateway close 4004)"),
+    (TOKEN, 4014, "adapters.discord: Discord refused the Message Content intent; enable it in the Developer Portal"),
+], ids=["missing", "rejected", "rejected-by-gateway", "intent-refused"])
+def test_a_token_or_intent_problem_exits_2_naming_the_key(token, gateway_close, expected, tmp_path, tiny_gpt2,
+                                                          model_cache):
+    with FakeDiscord(TOKEN) as server:
+        server.close_on_identify = gateway_close
+        running = Bot(tmp_path, server, "", model=tiny_gpt2, cache=model_cache, token=token)
+        try:
+            status = running.wait_exit(READY_WITHIN)
+        finally:
+            running.stop()
+        output = running.stdout + running.stderr
+        assert status == 2, output
+        assert f"chatforge: {expected}" in running.stderr
+        assert "Traceback" not in running.stderr and "WARNING" not in running.stderr, running.stderr
+        assert TOKEN not in output and (not token or token not in output)
+        if not token:
+            assert not server.requests
+        elif token != TOKEN:
+            assert server.find("GET", "/users/@me")[0].status == 401
+
+
+def test_sigterm_while_idle_exits_0_within_seconds(tmp_path, tiny_gpt2, model_cache):
+    with FakeDiscord(TOKEN) as server:
+        running = Bot(tmp_path, server, "", model=tiny_gpt2, cache=model_cache)
+        try:
+            running.wait_ready()
+            running.process.send_signal(signal.SIGTERM)
+            started = time.monotonic()
+            status = running.wait_exit(10)
+            elapsed = time.monotonic() - started
+        finally:
+            running.stop()
+        assert status == 0, running.stderr
+        assert elapsed < 5, elapsed
+        assert "Traceback" not in running.stderr
+        assert TOKEN not in running.stdout + running.stderr
+
+
+@pytest.mark.filterwarnings("ignore:'audioop' is deprecated:DeprecationWarning")  # discord.py's own import
+def test_endpoints_are_moved_per_client_and_discord_py_globals_are_untouched():
+    """In-process: the adapter talks to the fake while discord.py's shared defaults stay Discord's."""
+    import asyncio
+
+    import discord
+
+    from chatforge.adapters.discord import DEFAULT_API_BASE, DEFAULT_GATEWAY, DiscordAdapter, DiscordConfig
+    from chatforge.commands import CommandRegistry
+
+    class Engine:
+        command_prefix = "/"
+        commands = CommandRegistry()
+
+    async def scenario(server: FakeDiscord) -> None:
+        adapter = DiscordAdapter(Engine(), DiscordConfig(enabled=True, token=TOKEN, api_base=server.api_base,
+                                                         gateway_url=server.gateway_url))
+        running = asyncio.create_task(adapter.run())
+        try:
+            await asyncio.to_thread(server.wait_ready, 20)
+            assert discord.http.Route.BASE == DEFAULT_API_BASE
+            assert str(discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY) == DEFAULT_GATEWAY
+            assert discord.http.Route("GET", "/users/@me").url == DEFAULT_API_BASE + "/users/@me"
+            other = discord.Client(intents=discord.Intents.none())
+            assert type(other.http).request is discord.http.HTTPClient.request  # not rewritten
+            assert "request" not in vars(other.http) and "request" in vars(adapter.client.http)
+        finally:
+            await asyncio.wait_for(adapter.stop(), 10)
+            await asyncio.wait_for(running, 10)
+
+    with FakeDiscord(TOKEN) as server:
+        asyncio.run(asyncio.wait_for(scenario(server), 60))
