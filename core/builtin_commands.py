@@ -1,4 +1,4 @@
-"""The commands every chatforge bot has: /help, /history and /reset.
+"""The commands every chatforge bot has: /help, /history, /reset, /forget, and /stats for admins.
 
 They are an ordinary plugin (named "core"), registered through the same hook
 as any third-party command.
@@ -6,26 +6,57 @@ as any third-party command.
 
 from __future__ import annotations
 
+import json
+import time
+
 from .commands import CommandContext
 from .hookspecs import hookimpl
 
 
+def _plural(count: int, word: str) -> str:
+    return f"{count} {word}{'s' if count != 1 else ''}"
+
+
 def help_command(ctx: CommandContext) -> str:
-    prefix = ctx.bot.command_prefix
+    prefix, admin = ctx.bot.command_prefix, ctx.bot.is_admin(ctx.message)
     lines = ["Commands:"]
-    lines += [f"{command.signature(prefix)} - {command.help}" for command in ctx.bot.commands]
+    lines += [f"{command.signature(prefix)} - {command.help}" + (" (admins)" if command.admin else "")
+              for command in ctx.bot.commands if admin or not command.admin]
     lines.append("Anything else is answered by the language model.")
     return "\n".join(lines)
 
 
 def history_command(ctx: CommandContext) -> str:
+    if ctx.args.strip().lower() == "all":
+        return _everything(ctx)
     turns = ctx.bot.history(ctx.message)
     if not turns:
-        return "I don't remember anything of this conversation yet."
-    lines = [f"I remember {len(turns)} turn{'s' if len(turns) != 1 else ''} of this conversation:"]
-    for turn in turns:
-        speaker = "You" if turn.role == "user" else ctx.bot.name
-        lines.append(f"{speaker}: {turn.text}")
+        lines = ["I don't remember anything of this conversation yet."]
+    else:
+        lines = [f"I remember {_plural(len(turns), 'turn')} of this conversation:"]
+        lines += [f"{'You' if turn.role == 'user' else ctx.bot.name}: {turn.text}" for turn in turns]
+    here = ctx.bot.conversation(ctx.message)
+    elsewhere = {key for key, _ in ctx.bot.about_user(ctx.message) if key != here}
+    if elsewhere:
+        lines.append(f"I also keep turns of yours from {_plural(len(elsewhere), 'other chat')}: "
+                     f"{ctx.bot.command_prefix}history all shows everything.")
+    return "\n".join(lines)
+
+
+def _everything(ctx: CommandContext) -> str:
+    kept = ctx.bot.about_user(ctx.message)
+    if not kept:
+        return f"I keep nothing about you on {ctx.message.platform}."
+    lines = [f"Everything I keep about you on {ctx.message.platform} ({_plural(len(kept), 'turn')}):"]
+    current = None
+    for key, turn in kept:
+        if key != current:
+            current = key
+            _platform, chat, thread, _user = json.loads(key)
+            lines.append(f"[chat {chat}{f', thread {thread}' if thread else ''}]")
+        when = time.strftime("%Y-%m-%d %H:%M", time.gmtime(turn.created_at))
+        lines.append(f"{when} {'You' if turn.role == 'user' else ctx.bot.name}: {turn.text}")
+    lines.append(f"{ctx.bot.command_prefix}forget deletes all of it.")
     return "\n".join(lines)
 
 
@@ -33,11 +64,32 @@ def reset_command(ctx: CommandContext) -> str:
     forgotten = ctx.bot.forget(ctx.message)
     if not forgotten:
         return "There was nothing to forget: this conversation is already empty."
-    return f"Done: I forgot this conversation ({forgotten} turn{'s' if forgotten != 1 else ''})."
+    return f"Done: I forgot this conversation ({_plural(forgotten, 'turn')})."
+
+
+def forget_command(ctx: CommandContext) -> str:
+    forgotten = ctx.bot.forget_user(ctx.message)
+    if not forgotten:
+        return f"I keep nothing about you on {ctx.message.platform}."
+    return f"Done: I deleted everything I kept about you on {ctx.message.platform} ({_plural(forgotten, 'turn')})."
+
+
+def stats_command(ctx: CommandContext) -> str:
+    bot = ctx.bot
+    uptime = int(time.time() - bot.started_at)
+    failures = [info.name for info in bot.host.failures]
+    return "\n".join([
+        f"Up {uptime // 3600} h {uptime % 3600 // 60} min; answered {_plural(bot.answered, 'message')}.",
+        f"Waiting or in progress: {bot.queue.pending} of at most {bot.settings.limits.max_pending}.",
+        f"Model: {getattr(bot.generator, 'name', '?')}.",
+        f"Plugins with errors: {', '.join(failures) if failures else 'none'}.",
+    ])
 
 
 @hookimpl
 def chatforge_register_commands(register) -> None:
     register("help", help_command, help="list the commands")
-    register("history", history_command, help="show what I remember of this conversation")
+    register("history", history_command, help="show what I remember of this conversation", usage="[all]")
     register("reset", reset_command, help="forget this conversation")
+    register("forget", forget_command, help="delete everything I keep about you")
+    register("stats", stats_command, help="uptime, load and plugin errors", admin=True)

@@ -33,6 +33,8 @@ class Command:
     help: str
     plugin: str
     usage: str = ""
+    admin: bool = False
+    """Only the users in `bot.admins` may run it."""
 
     def signature(self, prefix: str = "/") -> str:
         return f"{prefix}{self.name} {self.usage}".rstrip()

@@ -118,6 +118,10 @@ class MemoryConfig(StrictModel):
     """Turns (a user line or a bot line) recalled as context."""
     max_tokens: PositiveInt = 768
     """Tokens of history given to the model at most (also capped by its context window)."""
+    retention_days: Optional[Annotated[float, Field(gt=0)]] = None
+    """Delete turns older than this many days (checked at start and hourly); null keeps them."""
+    redact: list[Literal["email", "phone", "card"]] = []
+    """Personal data replaced by [email], [phone], [card] before storage and before the model sees it."""
 
 
 class BotConfig(StrictModel):
@@ -125,6 +129,23 @@ class BotConfig(StrictModel):
     command_prefix: Annotated[str, Field(min_length=1, max_length=3)] = "/"
     shutdown_timeout: Annotated[float, Field(gt=0)] = 10.0
     """On SIGINT/SIGTERM, seconds to let replies in flight finish before stopping."""
+    admins: list[str] = []
+    """Who may use admin-only commands: "platform:user id" ("telegram:12345", "discord:8019..."), or "console:*"."""
+
+
+class LimitsConfig(StrictModel):
+    max_message_chars: PositiveInt = 4000
+    """Longer messages get a polite refusal (and are not stored)."""
+    max_reply_chars: PositiveInt = 4000
+    """Longer replies are cut (adapters split what remains to their platform's size)."""
+    rate_per_minute: Annotated[float, Field(gt=0)] = 20.0
+    """Messages a user may send per minute, on average..."""
+    rate_burst: PositiveInt = 5
+    """...and at once. Beyond that: one polite "slow down", then silence until they may."""
+    max_pending: PositiveInt = 64
+    """Messages being answered or waiting, across all chats; beyond: "I'm busy"."""
+    hook_timeout: Annotated[float, Field(gt=0)] = 30.0
+    """Seconds a plugin's hook or command may take before it is given up on."""
 
 
 class LoggingConfig(StrictModel):
@@ -149,6 +170,7 @@ class Settings(StrictModel):
     generator: GeneratorConfig = GeneratorConfig()
     memory: MemoryConfig = MemoryConfig()
     bot: BotConfig = BotConfig()
+    limits: LimitsConfig = LimitsConfig()
     logging: LoggingConfig = LoggingConfig()
     plugins: dict[str, PluginSection] = {}
     adapters: dict[str, AdapterSection] = {}

@@ -12,6 +12,7 @@ generator, the conversation memory and the command list.
 
 from __future__ import annotations
 
+import asyncio
 import difflib
 import inspect
 import logging
@@ -20,7 +21,9 @@ from typing import Any
 
 from .commands import CommandContext, CommandRegistry, parse_command
 from .config import Settings
+from . import pii
 from .generator import OnText, TextGenerator
+from .guard import Busy, ConversationQueue, RateLimiter, clean_text
 from .memory import MemoryStore, Turn, conversation_key
 from .message import Message, Reply
 from .plugin_manager import PluginHost
@@ -43,6 +46,14 @@ class Engine:
         self.host = host
         self.generator = generator
         self.memory = memory
+        limits = settings.limits
+        self.rate_limiter = RateLimiter(limits.rate_per_minute, limits.rate_burst)
+        self.queue = ConversationQueue(limits.max_pending)
+        self._told_to_wait: dict[str, float] = {}  # user -> until when they were told to slow down
+        self.started_at = time.time()
+        self.answered = 0
+        self._purged_at = 0.0
+        self.purge_expired()
 
     # ------------------------------------------------------------ for plugins
 
@@ -70,23 +81,85 @@ class Engine:
         """Forget the conversation; returns how many turns were deleted."""
         return self.memory.forget(self.conversation(message))
 
+    def about_user(self, message: Message) -> list[tuple[str, Turn]]:
+        """Everything remembered about the sender on this platform, in every chat."""
+        return self.memory.about_user(message.platform, message.user)
+
+    def forget_user(self, message: Message) -> int:
+        """Delete everything remembered about the sender on this platform; how many turns."""
+        return self.memory.forget_user(message.platform, message.user)
+
+    def purge_expired(self) -> int:
+        """Apply `memory.retention_days` (at most once an hour); how many turns were deleted."""
+        days = self.settings.memory.retention_days
+        if days is None or time.time() - self._purged_at < 3600:
+            return 0
+        self._purged_at = time.time()
+        try:
+            removed = self.memory.purge_before(time.time() - days * 86400)
+        except Exception as exc:  # noqa: BLE001 - a locked database must not stop the bot
+            log.error("could not apply the retention period: %s: %s", type(exc).__name__, exc)
+            return 0
+        if removed:
+            log.info("retention: deleted %d turns older than %g days", removed, days)
+        return removed
+
+    def private(self, text: str) -> str:
+        """`text` with the personal data named in `memory.redact` replaced (before storage and the model)."""
+        kinds = self.settings.memory.redact
+        return pii.redact(text, kinds) if kinds else text
+
     async def generate(self, instruction: str, max_new_tokens: int | None = None) -> str:
         """Ask the language model a one-off question, outside any conversation."""
         return await self.generator.complete(instruction, max_new_tokens)
 
     # ------------------------------------------------------------ routing
 
+    def is_admin(self, message: Message) -> bool:
+        """Whether the sender is listed in `bot.admins` ("platform:user" or "platform:*")."""
+        admins = self.settings.bot.admins
+        return f"{message.platform}:{message.user}" in admins or f"{message.platform}:*" in admins
+
     async def handle(self, message: Message, on_text: OnText | None = None) -> Reply | None:
-        """Answer one message. None means a deliberate silence (for example, an empty message)."""
-        text = message.text.strip()
+        """Answer one message. None means a deliberate silence (an empty message, a flood).
+
+        Messages of one conversation are answered one at a time, in the order
+        they came; other conversations go on meanwhile.
+        """
+        text = clean_text(message.text)
         if not text:
             return None
+        limits = self.settings.limits
+        if len(text) > limits.max_message_chars:
+            return Reply(f"Your message is {len(text):,} characters long; I read at most "
+                         f"{limits.max_message_chars:,}. Please send a shorter one.", source="engine", remember=False)
+        user = f"{message.platform}:{message.user}"
+        wait = self.rate_limiter.acquire(user)
+        if wait:
+            return self._slow_down(user, wait)
+        message = message.replace(text=text)
         try:
-            reply = await self._answer(message.replace(text=text), on_text)
+            async with self.queue.turn(self.conversation(message)):
+                reply = await self._answer(message, on_text)
+        except Busy:
+            return Reply("I'm busy answering a lot of messages right now; please try again in a minute.",
+                         source="engine", remember=False)
         except Exception:  # noqa: BLE001 - a bug in chatforge must not kill the bot either
             log.exception("engine failed on a message from %s/%s", message.platform, message.chat)
             return apology("chatforge")
+        self.answered += 1
         return reply if reply else None
+
+    def _slow_down(self, user: str, wait: float) -> Reply | None:
+        """Say "slow down" once per flood; stay silent for the rest of it."""
+        now = time.monotonic()
+        if self._told_to_wait.get(user, 0) > now:
+            return None
+        self._told_to_wait[user] = now + wait
+        if len(self._told_to_wait) > 10_000:
+            self._told_to_wait = {key: until for key, until in self._told_to_wait.items() if until > now}
+        return Reply(f"You're sending messages faster than I can answer; please wait {max(1, round(wait))} s.",
+                     source="engine", remember=False)
 
     async def _answer(self, message: Message, on_text: OnText | None) -> Reply:
         try:
@@ -95,8 +168,9 @@ class Engine:
             return Reply(str(refusal), source="plugin", remember=False)
 
     async def _route(self, message: Message, on_text: OnText | None) -> Reply:
+        timeout = self.settings.limits.hook_timeout
         arguments: dict[str, Any] = {"message": message, "bot": self}
-        for plugin, result in self.host.iter_call("chatforge_preprocess", arguments):
+        async for plugin, result in self.host.aiter_call("chatforge_preprocess", arguments, timeout):
             result = await self._settle(plugin, "chatforge_preprocess", result)
             if isinstance(result, Reply):
                 return result
@@ -107,7 +181,7 @@ class Engine:
         if parsed is not None:
             reply = await self._run_command(message, *parsed)
         else:
-            plugin, claimed = self.host.call_first("chatforge_handle_text", message=message, bot=self)
+            plugin, claimed = await self.host.acall_first("chatforge_handle_text", timeout, message=message, bot=self)
             if plugin is not None:
                 reply = await self._plugin_reply(plugin, claimed, source=plugin, where="chatforge_handle_text",
                                                  remember=True)
@@ -115,10 +189,12 @@ class Engine:
                 reply = await self._generate(message, on_text)
 
         arguments = {"message": message, "reply": reply, "bot": self}
-        for plugin, new_text in self.host.iter_call("chatforge_postprocess", arguments):
+        async for plugin, new_text in self.host.aiter_call("chatforge_postprocess", arguments, timeout):
             new_text = await self._settle(plugin, "chatforge_postprocess", new_text)
             if isinstance(new_text, str):
                 reply.text = new_text
+        if len(reply.text) > self.settings.limits.max_reply_chars:
+            reply.text = reply.text[: self.settings.limits.max_reply_chars - 1].rstrip() + "…"
 
         if reply.remember and reply.text:
             self._remember(message, reply)
@@ -128,10 +204,14 @@ class Engine:
         """Await a hook's result if it is awaitable; a failure is reported and gives `failed`."""
         if not inspect.isawaitable(result):
             return result
+        timeout = self.settings.limits.hook_timeout
         try:
-            return await result
+            return await asyncio.wait_for(result, timeout)
         except SkillError:
             raise
+        except asyncio.TimeoutError:
+            self.host.report(plugin, hook_name, TimeoutError(f"no answer within {timeout:g} s (limits.hook_timeout)"))
+            return failed
         except Exception as exc:  # noqa: BLE001
             self.host.report(plugin, hook_name, exc)
             return failed
@@ -143,13 +223,12 @@ class Engine:
             hint = f" Did you mean {self.command_prefix}{close[0]}?" if close else ""
             return Reply(f"Unknown command {self.command_prefix}{name}.{hint} "
                          f"Send {self.command_prefix}help for the list.", source="engine", remember=False)
+        if command.admin and not self.is_admin(message):
+            return Reply(f"Sorry, {self.command_prefix}{name} is for the bot's admins.", source="engine", remember=False)
         context = CommandContext(message=message, args=args, bot=self, config=self.host.configs.get(command.plugin))
-        try:
-            result = command.handler(context)
-        except SkillError:
-            raise
-        except Exception as exc:  # noqa: BLE001
-            self.host.report(command.plugin, f"/{name}", exc)
+        ok, result = await self.host.run_plugin_code(command.plugin, f"/{name}", command.handler, [context],
+                                                     self.settings.limits.hook_timeout)
+        if not ok:
             return apology(f"the {command.plugin} plugin")
         # A command's plain answer is not conversation; a Reply decides for itself.
         return await self._plugin_reply(command.plugin, result, source=f"/{name}", where=f"/{name}", remember=False)
@@ -167,7 +246,12 @@ class Engine:
 
     async def _generate(self, message: Message, on_text: OnText | None) -> Reply:
         try:
-            text = await self.generator.reply(self.history(message), message.text, on_text)
+            history = self.history(message)
+        except Exception as exc:  # noqa: BLE001 - an unreadable memory: answer without context
+            log.error("could not read the conversation's memory: %s: %s", type(exc).__name__, exc)
+            history = []
+        try:
+            text = await self.generator.reply(history, self.private(message.text), on_text)
         except Exception as exc:  # noqa: BLE001 - includes MemoryError from a too-big model
             log.error("the generator failed: %s: %s", type(exc).__name__, exc)
             log.debug("generator traceback", exc_info=True)
@@ -180,8 +264,11 @@ class Engine:
         key = self.conversation(message)
         now = time.time()
         try:
-            self.memory.add(key, Turn("user", message.text, now, message.user, message.display_name, dict(message.meta)))
-            self.memory.add(key, Turn("assistant", reply.text, now, "", self.name))
+            self.memory.add(key,
+                            Turn("user", self.private(message.text), now, message.user, message.display_name,
+                                 dict(message.meta)),
+                            Turn("assistant", self.private(reply.text), now, "", self.name))
+            self.purge_expired()
         except Exception as exc:  # noqa: BLE001 - a full disk must not stop the reply
             log.error("could not save the conversation turn: %s: %s", type(exc).__name__, exc)
 

@@ -43,14 +43,31 @@ def conversation_key(message: Message, scope: Literal["user", "chat"] = "user") 
 class MemoryStore(Protocol):
     """What the engine needs from a memory backend."""
 
-    def add(self, key: str, turn: Turn) -> None: ...
+    def add(self, key: str, *turns: Turn) -> None:
+        """Append turns to a conversation, all or none (a question and its answer go in together)."""
+        ...
     def recent(self, key: str, limit: int) -> list[Turn]:
         """The newest `limit` turns, oldest first."""
         ...
     def forget(self, key: str) -> int:
         """Delete the conversation; returns how many turns were deleted."""
         ...
+    def about_user(self, platform: str, user: str) -> list[tuple[str, Turn]]:
+        """Every turn kept about a person: their own conversations whole, and their lines in shared ones."""
+        ...
+    def forget_user(self, platform: str, user: str) -> int:
+        """Delete everything `about_user` returns; how many turns were deleted."""
+        ...
+    def purge_before(self, timestamp: float) -> int:
+        """Delete turns older than `timestamp` (the retention period); how many."""
+        ...
     def close(self) -> None: ...
+
+
+def belongs_to(key: str, turn: Turn, platform: str, user: str) -> bool:
+    """Whether a turn is about this person: in their own conversation, or their line in a shared one."""
+    key_platform, _chat, _thread, key_user = json.loads(key)
+    return key_platform == platform and (key_user == user or (key_user is None and turn.user == user))
 
 
 class InMemoryMemory:
@@ -59,14 +76,35 @@ class InMemoryMemory:
     def __init__(self) -> None:
         self._turns: dict[str, list[Turn]] = {}
 
-    def add(self, key: str, turn: Turn) -> None:
-        self._turns.setdefault(key, []).append(turn)
+    def add(self, key: str, *turns: Turn) -> None:
+        self._turns.setdefault(key, []).extend(turns)
 
     def recent(self, key: str, limit: int) -> list[Turn]:
         return list(self._turns.get(key, [])[-limit:]) if limit > 0 else []
 
     def forget(self, key: str) -> int:
         return len(self._turns.pop(key, []))
+
+    def about_user(self, platform: str, user: str) -> list[tuple[str, Turn]]:
+        return [(key, turn) for key, turns in self._turns.items() for turn in turns
+                if belongs_to(key, turn, platform, user)]
+
+    def forget_user(self, platform: str, user: str) -> int:
+        return self._remove(lambda key, turn: belongs_to(key, turn, platform, user))
+
+    def purge_before(self, timestamp: float) -> int:
+        return self._remove(lambda key, turn: turn.created_at < timestamp)
+
+    def _remove(self, doomed) -> int:
+        removed = 0
+        for key in list(self._turns):
+            kept = [turn for turn in self._turns[key] if not doomed(key, turn)]
+            removed += len(self._turns[key]) - len(kept)
+            if kept:
+                self._turns[key] = kept
+            else:
+                del self._turns[key]
+        return removed
 
     def close(self) -> None:
         pass
@@ -133,14 +171,20 @@ class SQLiteMemory:
                     f"BEGIN; {script}; PRAGMA user_version = {version}; COMMIT;"
                 )
 
-    def add(self, key: str, turn: Turn) -> None:
+    def add(self, key: str, *turns: Turn) -> None:
+        rows = [(key, turn.role, turn.text, turn.user, turn.display_name, turn.created_at or time.time(),
+                 json.dumps(turn.meta, default=str)) for turn in turns]
         with self._lock:
-            self._db.execute(
-                "INSERT INTO turns (conversation, role, text, user_id, display_name, created_at, meta)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (key, turn.role, turn.text, turn.user, turn.display_name,
-                 turn.created_at or time.time(), json.dumps(turn.meta, default=str)),
-            )
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                self._db.executemany(
+                    "INSERT INTO turns (conversation, role, text, user_id, display_name, created_at, meta)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+                self._db.execute("COMMIT")  # durable when add() returns (synchronous=FULL)
+            except BaseException:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
 
     def recent(self, key: str, limit: int) -> list[Turn]:
         if limit <= 0:
@@ -156,6 +200,28 @@ class SQLiteMemory:
     def forget(self, key: str) -> int:
         with self._lock:
             return self._db.execute("DELETE FROM turns WHERE conversation = ?", (key,)).rowcount
+
+    # A person's turns: their own conversations (the key's 4th item is them), and
+    # their lines in conversations a whole chat shares (the key's 4th item is null).
+    _ABOUT_USER = ("json_extract(conversation, '$[0]') = :platform AND ("
+                   "json_extract(conversation, '$[3]') = :user OR "
+                   "(json_extract(conversation, '$[3]') IS NULL AND user_id = :user))")
+
+    def about_user(self, platform: str, user: str) -> list[tuple[str, Turn]]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT conversation, role, text, created_at, user_id, display_name, meta FROM turns"
+                f" WHERE {self._ABOUT_USER} ORDER BY id", {"platform": platform, "user": user}).fetchall()
+        return [(row[0], Turn(*row[1:6], meta=json.loads(row[6]))) for row in rows]
+
+    def forget_user(self, platform: str, user: str) -> int:
+        with self._lock:
+            return self._db.execute(f"DELETE FROM turns WHERE {self._ABOUT_USER}",
+                                    {"platform": platform, "user": user}).rowcount
+
+    def purge_before(self, timestamp: float) -> int:
+        with self._lock:
+            return self._db.execute("DELETE FROM turns WHERE created_at < ?", (timestamp,)).rowcount
 
     def close(self) -> None:
         with self._lock:

@@ -11,6 +11,7 @@ logged by name, recorded for `chatforge plugins`, and skipped. With
 
 from __future__ import annotations
 
+import asyncio
 import difflib
 import importlib
 import importlib.metadata
@@ -20,7 +21,7 @@ import sys
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, AsyncIterator, Callable, Iterator
 
 import pluggy
 from pydantic import BaseModel
@@ -239,13 +240,15 @@ class PluginHost:
 
     def _register_commands(self) -> None:
         def register_for(plugin: str) -> Callable[..., None]:
-            def register(name: str, handler: Callable[..., Any], help: str, usage: str = "") -> None:
+            def register(name: str, handler: Callable[..., Any], help: str, usage: str = "",
+                         admin: bool = False) -> None:
                 owner = self.commands.get(name)
                 if owner is not None:  # the plugin keeps its other commands
                     self._fail(self.infos[plugin], "chatforge_register_commands",
                                f"command /{name} is already registered by plugin {owner.plugin!r}")
                     return
-                self.commands.add(Command(name=name, handler=handler, help=help.strip(), plugin=plugin, usage=usage))
+                self.commands.add(Command(name=name, handler=handler, help=help.strip(), plugin=plugin, usage=usage,
+                                          admin=admin))
                 self.infos[plugin].commands.append(name)
             return register
 
@@ -292,11 +295,49 @@ class PluginHost:
                 return self._invoke(impl, hook_name, kwargs)[1]
         return None
 
-    def _invoke(self, impl: pluggy.HookImpl, hook_name: str, kwargs: dict[str, Any]) -> tuple[bool, Any]:
+    def _arguments(self, impl: pluggy.HookImpl, kwargs: dict[str, Any]) -> list[Any]:
+        """The positional arguments pluggy would pass: only those the implementation names."""
         args = []
         for arg in impl.argnames:
             value = kwargs.get(arg, PerPlugin(self.configs.get) if arg == "config" else None)
             args.append(value.value_for(impl.plugin_name) if isinstance(value, PerPlugin) else value)
+        return args
+
+    # Message-time hooks run off the event loop with a time limit, so a plugin that
+    # blocks or hangs costs one worker thread, never the whole bot.
+
+    async def run_plugin_code(self, plugin: str, where: str, function: Callable[..., Any], args: list[Any],
+                              timeout: float) -> tuple[bool, Any]:
+        """Call a plugin's function in a worker thread; (False, None) if it raised or timed out."""
+        try:
+            return True, await asyncio.wait_for(asyncio.to_thread(function, *args), timeout)
+        except (SkillError, PluginError):
+            raise
+        except asyncio.TimeoutError:
+            self.report(plugin, where, TimeoutError(f"no answer within {timeout:g} s (limits.hook_timeout)"))
+        except Exception as exc:  # noqa: BLE001
+            self.report(plugin, where, exc)
+        return False, None
+
+    async def aiter_call(self, hook_name: str, kwargs: dict[str, Any], timeout: float) -> AsyncIterator[tuple[str, Any]]:
+        """Like `iter_call`, each implementation in a worker thread within `timeout`."""
+        for impl in self.implementations(hook_name):
+            ok, result = await self.run_plugin_code(impl.plugin_name, hook_name, impl.function,
+                                                    self._arguments(impl, kwargs), timeout)
+            if ok and result is not None:
+                yield impl.plugin_name, result
+
+    async def acall_first(self, hook_name: str, timeout: float, **kwargs: Any) -> tuple[str | None, Any]:
+        """Like `call_first`, each implementation in a worker thread within `timeout`."""
+        for impl in self.implementations(hook_name):
+            ok, result = await self.run_plugin_code(impl.plugin_name, hook_name, impl.function,
+                                                    self._arguments(impl, kwargs), timeout)
+            if ok and result is not None:
+                return impl.plugin_name, result
+        return None, None
+
+    def _invoke(self, impl: pluggy.HookImpl, hook_name: str, kwargs: dict[str, Any]) -> tuple[bool, Any]:
+        args = self._arguments(impl, kwargs)
         try:
             return True, impl.function(*args)
         except (SkillError, PluginError):

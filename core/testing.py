@@ -121,7 +121,10 @@ def make_bot(
     from .app import create_engine
     from .config import ConfigError, load_settings_from_dict
 
-    settings = load_settings_from_dict(config or {})
+    config = dict(config or {})
+    # Tests send messages as fast as they can: no rate limit unless the test sets one.
+    config["limits"] = {"rate_per_minute": 1e9, "rate_burst": 10**9, **(config.get("limits") or {})}
+    settings = load_settings_from_dict(config)
     host = PluginHost(settings, strict=strict)
     issues = host.load(extra_plugins=plugins)
     if issues:

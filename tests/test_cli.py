@@ -28,7 +28,7 @@ def test_pipe_mode_answers_each_line_and_exits_zero(cli, tiny_config):
     result = cli("chat", "--config", str(tiny_config), stdin="hello there\n/help\n/history\n/reset\n")
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    assert "Commands:\n/help - list the commands" in out
+    assert "Commands:\n" in out and "\n/help - list the commands" in out
     assert "I remember 2 turns of this conversation:\nYou: hello there\nchatforge: " in out
     assert "Done: I forgot this conversation (2 turns)." in out
     assert "Traceback" not in result.stderr
@@ -116,7 +116,7 @@ def test_plugins_lists_sources_hooks_commands_and_errors(cli, tiny_config):
     result = cli("plugins", "-c", str(tiny_config))
     assert result.returncode == 0
     assert "core  [builtin: chatforge.builtin_commands]" in result.stdout
-    assert "  commands: /help, /history, /reset" in result.stdout
+    assert "  commands: /help, /history, /reset, /forget, /stats" in result.stdout
     assert "broken  [config: broken.py]" in result.stdout
     assert "  error:    import: ZeroDivisionError: division by zero" in result.stdout
 

@@ -224,7 +224,7 @@ def test_generator_failure_is_an_apology_and_is_not_remembered(caplog):
 def test_memory_failure_still_delivers_the_reply(caplog):
     bot = make_bot()
 
-    def full_disk(key, turn):
+    def full_disk(key, *turns):
         raise OSError(28, "No space left on device")
 
     bot.memory.add = full_disk

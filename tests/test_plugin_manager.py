@@ -61,7 +61,7 @@ def test_builtins_are_registered_through_the_hooks(tmp_path):
     assert issues == []
     assert host.infos["core"].source == "builtin"
     assert host.infos["core"].hooks == ["chatforge_register_commands"]
-    assert [c.name for c in host.commands.by_plugin("core")] == ["help", "history", "reset"]
+    assert [c.name for c in host.commands.by_plugin("core")] == ["help", "history", "reset", "forget", "stats"]
     assert {"sentiment", "summarize", "translate"} <= {i.name for i in host.infos.values() if i.source == "builtin"}
     assert "console" in host.adapters
 

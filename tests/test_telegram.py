@@ -230,7 +230,7 @@ def test_in_a_group_only_what_addresses_the_bot_is_answered(fake, bot):
 
     fake.enqueue_message(f"/help@{BOT_USERNAME}", chat_id=group, user_id=601, group=True)
     sent = fake.wait_for(lambda: fake.sent_messages(group)[1:], ANSWER, "the /help answer")
-    assert sent[0].params["text"].startswith("Commands:\n/help - list the commands")
+    assert sent[0].params["text"].startswith("Commands:\n") and "\n/help - list the commands" in sent[0].params["text"]
 
     earlier = reply_target(sent[0].result["message_id"], group)
     fake.enqueue_message("and why is that?", chat_id=group, user_id=601, group=True, reply_to=earlier)

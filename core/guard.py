@@ -1,0 +1,87 @@
+"""What stands between anyone on the internet and the bot: clean text, rate limits, order, a queue cap.
+
+- `clean_text` drops control characters and lone surrogates, so neither the
+  prompt nor the SQLite file ever sees them.
+- `RateLimiter` is a token bucket per user: a burst is allowed, a flood is not.
+- `ConversationQueue` answers one message at a time per conversation, in
+  arrival order, and refuses new work (a polite "busy") when too much waits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import time
+import unicodedata
+from collections import OrderedDict
+from typing import AsyncIterator
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200b\u2028\u2029\ufeff]")
+
+
+def clean_text(text: str) -> str:
+    """Text safe to store and to put in a prompt: no control characters, no lone surrogates.
+
+    Letters of every script, emoji and right-to-left marks are kept as they are.
+    """
+    text = text.encode("utf-8", errors="replace").decode("utf-8")  # lone surrogates -> U+FFFD ("?")
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    text = _CONTROL.sub("", text)
+    return unicodedata.normalize("NFC", text).strip()
+
+
+class RateLimiter:
+    """A token bucket per key: `burst` messages at once, then `per_minute` a minute."""
+
+    def __init__(self, per_minute: float, burst: int, max_keys: int = 100_000) -> None:
+        self.rate = per_minute / 60.0
+        self.burst = burst
+        self.max_keys = max_keys
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # key -> (tokens, at)
+
+    def acquire(self, key: str, now: float | None = None) -> float:
+        """0 if `key` may go on (a token is spent), else the seconds until it may."""
+        now = time.monotonic() if now is None else now
+        tokens, at = self._buckets.pop(key, (float(self.burst), now))
+        tokens = min(float(self.burst), tokens + (now - at) * self.rate)
+        wait = 0.0
+        if tokens >= 1:
+            tokens -= 1
+        else:
+            wait = (1 - tokens) / self.rate if self.rate > 0 else float("inf")
+        self._buckets[key] = (tokens, now)
+        while len(self._buckets) > self.max_keys:  # forget the longest-idle users first
+            self._buckets.popitem(last=False)
+        return wait
+
+
+class Busy(Exception):
+    """Too many messages are waiting; the user is asked to try again later."""
+
+
+class ConversationQueue:
+    """One message at a time per conversation, first come first served; at most `max_pending` in all."""
+
+    def __init__(self, max_pending: int) -> None:
+        self.max_pending = max_pending
+        self.pending = 0
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._waiting: dict[str, int] = {}
+
+    @contextlib.asynccontextmanager
+    async def turn(self, key: str) -> AsyncIterator[None]:
+        if self.pending >= self.max_pending:
+            raise Busy()
+        self.pending += 1
+        self._waiting[key] = self._waiting.get(key, 0) + 1
+        lock = self._locks.setdefault(key, asyncio.Lock())
+        try:
+            async with lock:  # asyncio.Lock wakes waiters in the order they came
+                yield
+        finally:
+            self.pending -= 1
+            self._waiting[key] -= 1
+            if not self._waiting[key]:  # nobody else queued: drop the lock, memory stays bounded
+                del self._waiting[key]
+                self._locks.pop(key, None)
