@@ -136,8 +136,8 @@ class BotConfig(StrictModel):
 class LimitsConfig(StrictModel):
     max_message_chars: PositiveInt = 4000
     """Longer messages get a polite refusal (and are not stored)."""
-    max_reply_chars: PositiveInt = 4000
-    """Longer replies are cut (adapters split what remains to their platform's size)."""
+    max_reply_chars: Annotated[int, Field(ge=100)] = 16000
+    """Longer replies are cut at a paragraph (adapters split what remains into the platform's messages)."""
     rate_per_minute: Annotated[float, Field(gt=0)] = 20.0
     """Messages a user may send per minute, on average..."""
     rate_burst: PositiveInt = 5

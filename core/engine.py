@@ -21,6 +21,7 @@ from typing import Any
 
 from .commands import CommandContext, CommandRegistry, parse_command
 from .config import Settings
+from .delivery import split_message
 from . import pii
 from .generator import OnText, TextGenerator
 from .guard import Busy, ConversationQueue, RateLimiter, clean_text
@@ -193,8 +194,9 @@ class Engine:
             new_text = await self._settle(plugin, "chatforge_postprocess", new_text)
             if isinstance(new_text, str):
                 reply.text = new_text
-        if len(reply.text) > self.settings.limits.max_reply_chars:
-            reply.text = reply.text[: self.settings.limits.max_reply_chars - 1].rstrip() + "…"
+        limit = self.settings.limits.max_reply_chars
+        if len(reply.text) > limit:  # cut where a platform would split: never inside a code block
+            reply.text = split_message(reply.text, limit - 2)[0] + "\n…"
 
         if reply.remember and reply.text:
             self._remember(message, reply)

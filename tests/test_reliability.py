@@ -206,10 +206,14 @@ def test_admin_only_commands():
     assert bot.ask("/stats", user="boss", platform="discord").startswith("Sorry")  # ids are per platform
 
 
-def test_long_replies_are_capped():
+def test_long_replies_are_capped_without_breaking_a_code_block():
     bot = make_bot({"limits": {"max_reply_chars": 100}}, generator=FakeGenerator(lambda h, t: "word " * 1000))
     reply = bot.ask("talk a lot")
-    assert len(reply) == 100 and reply.endswith("…")
+    assert len(reply) <= 100 and reply.endswith(" word\n…")
+    code = "```python\n" + "\n".join(f"x = {i}" for i in range(100)) + "\n```"
+    bot = make_bot({"limits": {"max_reply_chars": 120}}, generator=FakeGenerator(lambda h, t: code))
+    reply = bot.ask("code please")
+    assert len(reply) <= 120 and reply.startswith("```python\nx = 0\n") and reply.endswith("\n```\n…")
 
 
 # ---------------------------------------------------------------- privacy
