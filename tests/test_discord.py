@@ -106,6 +106,9 @@ class Bot:
               cache_dir: {cache}
             memory:
               path: {folder / "memory.sqlite3"}
+            limits:  # the tests talk faster than a person; rate limits have their own tests
+              rate_per_minute: 100000
+              rate_burst: 1000
             plugins:
               discord:
                 module: chatforge.adapters.discord

@@ -89,6 +89,9 @@ def write_config(folder: Path, tiny_gpt2: Path, model_cache: Path, base_url: str
               cache_dir: {model_cache}
             memory:
               path: {folder / "memory.sqlite3"}
+            limits:  # the tests talk faster than a person; rate limits have their own tests
+              rate_per_minute: 100000
+              rate_burst: 1000
             plugins:
               telegram:
                 module: chatforge.adapters.telegram
