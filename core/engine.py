@@ -1,6 +1,8 @@
 """The dialogue engine: routes one message to the right answer.
 
-Order: pre-processing hooks, then a command (`/name args`), then the first
+First the guards (core/guard.py): the text is cleaned, too-long messages and
+floods are refused, and the conversation's earlier messages are answered
+first. Then: pre-processing hooks, then a command (`/name args`), then the first
 skill that claims the free text, then the generator with the conversation's
 memory; post-processing hooks see the reply last, and memory records the
 turn. A failure anywhere becomes a short apology and a log line naming its
@@ -19,10 +21,10 @@ import logging
 import time
 from typing import Any
 
+from . import pii
 from .commands import CommandContext, CommandRegistry, parse_command
 from .config import Settings
 from .delivery import split_message
-from . import pii
 from .generator import OnText, TextGenerator
 from .guard import Busy, ConversationQueue, RateLimiter, clean_text
 from .memory import MemoryStore, Turn, conversation_key
