@@ -8,10 +8,11 @@ import signal
 from typing import Iterable
 
 from .adapter import Adapter, AdapterError
-from .config import ConfigError, ConfigIssue, Settings
+from .config import ConfigError, ConfigIssue, Settings, locate
 from .engine import Engine
 from .generator import TextGenerator, TransformersGenerator
 from .memory import InMemoryMemory, MemoryStore, SQLiteMemory
+from .model_loading import load_model
 from .plugin_manager import PluginHost
 from . import redaction
 
@@ -39,9 +40,22 @@ def create_memory(settings: Settings) -> MemoryStore:
 
 
 def create_generator(settings: Settings) -> TextGenerator:
-    return TransformersGenerator.from_config(
-        settings.generator, settings.memory, settings.resolve_path(settings.generator.cache_dir)
-    )
+    """Load the model, put it on its device in its precision, and wrap it in a generator.
+
+    The device is checked before the model is loaded, so a missing GPU is a
+    config error at once rather than after a long load.
+    """
+    from . import numerics  # imports torch: only when a model is wanted
+
+    config = settings.generator
+    try:
+        numerics.resolve_device(config.device, config.dtype)
+    except numerics.DeviceUnavailable as exc:
+        issue = ConfigIssue("generator.device", str(exc))
+        raise ConfigError(locate([issue], settings.lines), settings.filename) from None
+    loaded = load_model(config.model, settings.resolve_path(config.cache_dir), fallback=config.fallback)
+    loaded.model = numerics.prepare_model(loaded.model, config.device, config.dtype, config.quantize)
+    return TransformersGenerator(loaded, config, history_tokens=settings.memory.max_tokens)
 
 
 def create_engine(

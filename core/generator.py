@@ -3,7 +3,9 @@
 One model is shared by every chat, so generation runs on one worker thread,
 off the asyncio event loop: a slow reply never stalls another platform's
 heartbeat. Text can be streamed as it is produced; stop sequences are held
-back until it is certain they are not the start of a stop sequence.
+back until it is certain they are not the start of a stop sequence. Each
+conversation's attention cache is kept between turns (core/kv_cache.py), so a
+follow-up computes only its new tokens before answering.
 """
 
 from __future__ import annotations
@@ -14,12 +16,12 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
-from .config import GeneratorConfig, MemoryConfig
+from .config import GeneratorConfig
+from .kv_cache import PromptCache
 from .memory import Turn
-from .model_loading import LoadedModel, load_model
+from .model_loading import LoadedModel
 from .prompt import PromptBuilder
 
 log = logging.getLogger("chatforge.generator")
@@ -36,6 +38,13 @@ class GenerationStats:
     new_tokens: int
     seconds: float
     first_token_seconds: float
+    reused_tokens: int = 0
+    """Prompt tokens whose keys and values came from the previous turn's cache, not computed."""
+
+    @property
+    def computed_tokens(self) -> int:
+        """Prompt tokens the model ran before the first reply token."""
+        return self.prompt_tokens - self.reused_tokens
 
     @property
     def tokens_per_second(self) -> float:
@@ -76,35 +85,34 @@ class TransformersGenerator:
         )
         self.stop_sequences = self.prompts.stop_sequences + list(config.stop)
         self.last_stats: GenerationStats | None = None
+        self.prompt_cache: PromptCache | None = None
+        if config.kv_cache:
+            self.prompt_cache = PromptCache(config.kv_cache_conversations, int(config.kv_cache_mb * 2**20))
         self._closing = threading.Event()  # stops a generation in progress at the next token
         # One worker: the model is not safe to run from two threads at once.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chatforge-generator")
 
-    @classmethod
-    def from_config(
-        cls, config: GeneratorConfig, memory: MemoryConfig, cache_dir: Path
-    ) -> TransformersGenerator:
-        loaded = load_model(config.model, cache_dir, fallback=config.fallback)
-        return cls(loaded, config, history_tokens=memory.max_tokens)
-
     async def reply(self, history: Sequence[Turn], text: str, on_text: OnText | None = None) -> str:
         prompt = self.prompts.build(history, text)
-        return await self._run(prompt.input_ids, on_text, self.config.max_new_tokens)
+        return await self._run(prompt.input_ids, on_text, self.config.max_new_tokens, reuse=True)
 
     async def complete(self, instruction: str, max_new_tokens: int | None = None) -> str:
+        # One-off instructions are not continued, so they neither use nor crowd out conversations' caches.
         ids = self.prompts.instruction(instruction)
-        return await self._run(ids, None, max_new_tokens or self.config.max_new_tokens)
+        return await self._run(ids, None, max_new_tokens or self.config.max_new_tokens, reuse=False)
 
-    async def _run(self, input_ids: list[int], on_text: OnText | None, max_new_tokens: int) -> str:
+    async def _run(self, input_ids: list[int], on_text: OnText | None, max_new_tokens: int, reuse: bool) -> str:
         loop = asyncio.get_running_loop()
         emit = None
         if on_text is not None:
             emit = lambda piece: loop.call_soon_threadsafe(on_text, piece)  # noqa: E731
         return await loop.run_in_executor(
-            self._executor, self._generate_blocking, input_ids, emit, max_new_tokens
+            self._executor, self._generate_blocking, input_ids, emit, max_new_tokens, reuse
         )
 
-    def _generate_blocking(self, input_ids: list[int], emit: OnText | None, max_new_tokens: int) -> str:
+    def _generate_blocking(
+        self, input_ids: list[int], emit: OnText | None, max_new_tokens: int, reuse: bool = False
+    ) -> str:
         import torch
         from transformers import StoppingCriteriaList
 
@@ -119,12 +127,18 @@ class TransformersGenerator:
                 "top_p": self.config.top_p,
                 "top_k": self.config.top_k,
             }
-        inputs = torch.tensor([input_ids], dtype=torch.long)
         started = time.perf_counter()
+        pool = self.prompt_cache if reuse else None
+        cache, reused = pool.take(input_ids) if pool is not None else (None, 0)
+        if pool is not None and cache is None:
+            cache = _new_cache(self.model)
+        inputs = torch.tensor([input_ids], dtype=torch.long, device=self.model.device)
         with torch.inference_mode():
-            self.model.generate(
+            # Given a cache of `reused` tokens, generate runs only input_ids[reused:] before decoding.
+            sequences = self.model.generate(
                 inputs,
                 attention_mask=torch.ones_like(inputs),
+                **({_cache_keyword(): cache} if cache is not None else {}),
                 max_new_tokens=max_new_tokens,
                 repetition_penalty=self.config.repetition_penalty,
                 pad_token_id=self.tokenizer.pad_token_id,
@@ -136,15 +150,20 @@ class TransformersGenerator:
             )
         elapsed = time.perf_counter() - started
         first = (streamer.first_token_at or time.perf_counter()) - started
-        self.last_stats = GenerationStats(len(input_ids), len(streamer.ids), elapsed, first)
-        log.debug("generated %d tokens in %.2f s (%.1f tokens/s after the first at %.2f s)",
-                  len(streamer.ids), elapsed, self.last_stats.tokens_per_second, first)
+        self.last_stats = GenerationStats(len(input_ids), len(streamer.ids), elapsed, first, reused)
+        if pool is not None and cache is not None and not self._closing.is_set():
+            pool.put(sequences[0].tolist(), len(input_ids), cache)
+        log.debug("generated %d tokens in %.2f s (%.1f tokens/s after the first at %.2f s; %d of %d prompt "
+                  "tokens reused)", len(streamer.ids), elapsed, self.last_stats.tokens_per_second, first,
+                  reused, len(input_ids))
         return streamer.final_text()
 
     def close(self) -> None:
-        """Stop the generation in progress (at its next token), drop queued ones, free the thread."""
+        """Stop the generation in progress (at its next token), drop queued ones, free the thread and caches."""
         self._closing.set()
         self._executor.shutdown(wait=True, cancel_futures=True)
+        if self.prompt_cache is not None:
+            self.prompt_cache.clear()
 
 
 def _declared_context(model: Any, tokenizer: Any) -> int:
@@ -155,6 +174,24 @@ def _declared_context(model: Any, tokenizer: Any) -> int:
             return value
     limit = getattr(tokenizer, "model_max_length", None)
     return limit if isinstance(limit, int) and 0 < limit < 1_000_000 else 1024
+
+
+def _new_cache(model: Any) -> Any:
+    """An empty cache for generate to fill and the pool to keep; None if this model needs another kind."""
+    from transformers import DynamicCache
+
+    try:
+        return DynamicCache(config=model.config)
+    except Exception as exc:  # noqa: BLE001 - an unusual architecture: generate without reuse
+        log.debug("no reusable cache for this model: %s: %s", type(exc).__name__, exc)
+        return None
+
+
+def _cache_keyword() -> str:
+    """generate's cache argument: `cache` since transformers renamed `past_key_values` during 5.x."""
+    from transformers.generation import utils
+
+    return "cache" if "cache" in getattr(utils, "ALL_CACHE_NAMES", ()) else "past_key_values"
 
 
 class _StopWhenSet:
