@@ -21,7 +21,6 @@ What it speaks (what discord.py 2.7 needs):
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import json
 import re
@@ -31,6 +30,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from aiohttp import WSMsgType, web
+
+from loopback import LoopbackServer
 
 API = "/api/v10"
 BOT_ID = "900000000000000001"
@@ -61,8 +62,11 @@ def user(user_id: str, name: str, bot: bool = False) -> dict:
 BOT_USER = user(BOT_ID, "forgebot", bot=True)
 
 
-class FakeDiscord:
+class FakeDiscord(LoopbackServer):
+    name = "fake Discord"
+
     def __init__(self, token: str, heartbeat_interval_ms: int = 41250) -> None:
+        super().__init__()
         self.token = token
         self.heartbeat_interval_ms = heartbeat_interval_ms
         self.requests: list[Request] = []
@@ -76,10 +80,6 @@ class FakeDiscord:
         self._seq = itertools.count(1)
         self._edit_limits: list[tuple[float, bool]] = []
         self._ws: web.WebSocketResponse | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._runner: web.AppRunner | None = None
-        self._thread: threading.Thread | None = None
-        self.port = 0
 
     # ------------------------------------------------------------ lifecycle
 
@@ -91,64 +91,15 @@ class FakeDiscord:
     def gateway_url(self) -> str:
         return f"ws://127.0.0.1:{self.port}/gateway"
 
-    def start(self) -> FakeDiscord:
-        started = threading.Event()
-        errors: list[BaseException] = []
-
-        def serve() -> None:
-            loop = self._loop = asyncio.new_event_loop()
-            asyncio.set_event_loop(loop)
-            try:
-                loop.run_until_complete(self._start_site())
-            except BaseException as exc:  # noqa: BLE001 - reported to the starting thread
-                errors.append(exc)
-                started.set()
-                return
-            started.set()
-            loop.run_forever()
-            loop.run_until_complete(self._runner.cleanup())
-            loop.close()
-
-        self._thread = threading.Thread(target=serve, name="fake-discord", daemon=True)
-        self._thread.start()
-        if not started.wait(10):
-            raise RuntimeError("the fake Discord did not start within 10 s")
-        if errors:
-            raise errors[0]
-        return self
-
-    async def _start_site(self) -> None:
+    def make_app(self) -> web.Application:
         app = web.Application()
         app.router.add_get("/gateway", self._gateway)
         app.router.add_route("*", API + "/{tail:.*}", self._rest)
-        self._runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=1)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = self._runner.addresses[0][1]
+        return app
 
-    def stop(self) -> None:
-        if self._loop is None or not self._loop.is_running():
-            return
+    async def before_stop(self) -> None:
         if self._ws is not None:
-            self._call(self._ws.close(code=1001), timeout=3, check=False)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
-
-    def __enter__(self) -> FakeDiscord:
-        return self.start()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop()
-
-    def _call(self, coroutine: Any, timeout: float = 5, check: bool = True) -> Any:
-        future = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
-        try:
-            return future.result(timeout)
-        except Exception:
-            if check:
-                raise
-            return None
+            await self._ws.close(code=1001)
 
     # ------------------------------------------------------------ waiting and inspecting
 

@@ -19,6 +19,8 @@ from typing import Any, Callable
 
 from aiohttp import web
 
+from loopback import LoopbackServer
+
 log = logging.getLogger("fake_telegram")
 
 BOT_ID = 777000111
@@ -41,10 +43,12 @@ class Call:
     at: float = field(default_factory=time.monotonic)
 
 
-class FakeTelegram:
+class FakeTelegram(LoopbackServer):
+    name = "fake Telegram server"
+
     def __init__(self, token: str) -> None:
+        super().__init__()
         self.token = token
-        self.port = 0
         self.calls: list[Call] = []
         self.unknown_methods: list[str] = []
         self._lock = threading.Lock()
@@ -53,9 +57,6 @@ class FakeTelegram:
         self._message_ids = itertools.count(1000)
         self._get_updates_failures: list[int] = []
         self._edit_rate_limits: list[int] = []
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._runner: web.AppRunner | None = None
-        self._thread: threading.Thread | None = None
 
     # ------------------------------------------------------------ lifecycle
 
@@ -63,51 +64,10 @@ class FakeTelegram:
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/bot"
 
-    def start(self) -> FakeTelegram:
-        started = threading.Event()
-        errors: list[BaseException] = []
-
-        def serve() -> None:
-            loop = self._loop = asyncio.new_event_loop()
-            asyncio.set_event_loop(loop)
-            try:
-                loop.run_until_complete(self._start_server())
-            except BaseException as exc:  # noqa: BLE001 - reported to the starting thread
-                errors.append(exc)
-                started.set()
-                return
-            started.set()
-            loop.run_forever()
-            loop.run_until_complete(self._runner.cleanup())
-            loop.close()
-
-        self._thread = threading.Thread(target=serve, name="fake-telegram", daemon=True)
-        self._thread.start()
-        if not started.wait(10):
-            raise RuntimeError("the fake Telegram server did not start within 10 s")
-        if errors:
-            raise errors[0]
-        return self
-
-    async def _start_server(self) -> None:
+    def make_app(self) -> web.Application:
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]
-
-    def stop(self) -> None:
-        if self._loop is not None and self._thread is not None and self._thread.is_alive():
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(10)
-
-    def __enter__(self) -> FakeTelegram:
-        return self.start()
-
-    def __exit__(self, *exc_info: Any) -> None:
-        self.stop()
+        return app
 
     # ------------------------------------------------------------ what tests drive
 
