@@ -21,7 +21,7 @@ import sys
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Iterator
+from typing import Any, AsyncIterator, Callable
 
 import pluggy
 from pydantic import BaseModel
@@ -264,13 +264,6 @@ class PluginHost:
         caller = getattr(self.pm.hook, hook_name)
         return [impl for impl in reversed(caller.get_hookimpls()) if not (impl.hookwrapper or impl.wrapper)]
 
-    def iter_call(self, hook_name: str, kwargs: dict[str, Any]) -> Iterator[tuple[str, Any]]:
-        """Call implementations one at a time; the caller may change `kwargs` between them (a pipeline)."""
-        for impl in self.implementations(hook_name):
-            ok, result = self._invoke(impl, hook_name, kwargs)
-            if ok and result is not None:
-                yield impl.plugin_name, result
-
     def call(self, hook_name: str, **kwargs: Any) -> list[tuple[str, Any]]:
         """Call every plugin's implementation; returns (plugin, result) for each that did not fail."""
         results = []
@@ -279,14 +272,6 @@ class PluginHost:
             if ok and result is not None:
                 results.append((impl.plugin_name, result))
         return results
-
-    def call_first(self, hook_name: str, **kwargs: Any) -> tuple[str | None, Any]:
-        """Call implementations until one returns something other than None."""
-        for impl in self.implementations(hook_name):
-            ok, result = self._invoke(impl, hook_name, kwargs)
-            if ok and result is not None:
-                return impl.plugin_name, result
-        return None, None
 
     def call_one(self, plugin: str, hook_name: str, **kwargs: Any) -> Any:
         """Call one plugin's implementation of a hook (None when it has none or it failed)."""
@@ -320,7 +305,8 @@ class PluginHost:
         return False, None
 
     async def aiter_call(self, hook_name: str, kwargs: dict[str, Any], timeout: float) -> AsyncIterator[tuple[str, Any]]:
-        """Like `iter_call`, each implementation in a worker thread within `timeout`."""
+        """Call implementations one at a time, each in a worker thread within `timeout`; the caller
+        may change `kwargs` between them (a pipeline)."""
         for impl in self.implementations(hook_name):
             ok, result = await self.run_plugin_code(impl.plugin_name, hook_name, impl.function,
                                                     self._arguments(impl, kwargs), timeout)
@@ -328,7 +314,7 @@ class PluginHost:
                 yield impl.plugin_name, result
 
     async def acall_first(self, hook_name: str, timeout: float, **kwargs: Any) -> tuple[str | None, Any]:
-        """Like `call_first`, each implementation in a worker thread within `timeout`."""
+        """Call implementations (as `aiter_call` does) until one returns something other than None."""
         for impl in self.implementations(hook_name):
             ok, result = await self.run_plugin_code(impl.plugin_name, hook_name, impl.function,
                                                     self._arguments(impl, kwargs), timeout)

@@ -147,7 +147,7 @@ async def summarize(text: str, config: SummarizeConfig, bot: Any) -> str:
     return " ".join(await asyncio.to_thread(backend.summarize, sentences, count))
 
 
-def conversation_text(turns: list, bot_name: str) -> str:
+def conversation_text(turns: list) -> str:
     """The remembered turns as text, one sentence-ended line each, for the summarizer."""
     lines = []
     for turn in turns:
@@ -165,7 +165,7 @@ async def summarize_command(ctx: CommandContext) -> str:
     if not turns:
         raise SkillError(f"There is nothing to summarize yet. Send {ctx.bot.command_prefix}summarize TEXT, "
                          f"or chat a little first.")
-    text = conversation_text(turns, ctx.bot.name)
+    text = conversation_text(turns)
     summary = await summarize(text[-ctx.config.max_chars:], ctx.config, ctx.bot)
     return f"Our conversation so far, in short: {summary}"
 
