@@ -143,6 +143,9 @@ class GeneratorConfig(StrictModel):
     """Conversations whose cache is kept at most; the least recently used is dropped first."""
     kv_cache_mb: Annotated[float, Field(gt=0)] = 512.0
     """Memory all kept caches may use, in MiB (GPT-2 in float32: about 72 KiB a token)."""
+    max_batch: PositiveInt = 8
+    """Replies decoded together, one forward pass per token for all of them; more conversations wait
+    for a place. Decoding is memory-bound, so 8 at once take little longer than one; 1 answers in turn."""
 
 
 class MemoryConfig(StrictModel):

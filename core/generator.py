@@ -1,55 +1,33 @@
 """The local language model that answers free text.
 
-One model is shared by every chat, so generation runs on one worker thread,
-off the asyncio event loop: a slow reply never stalls another platform's
-heartbeat. Text can be streamed as it is produced; stop sequences are held
-back until it is certain they are not the start of a stop sequence. Each
-conversation's attention cache is kept between turns (core/kv_cache.py), so a
-follow-up computes only its new tokens before answering.
+One model is shared by every chat. Generation runs on one worker thread, off
+the asyncio event loop, so a slow reply never stalls another platform's
+heartbeat; replies to different conversations are decoded together there
+(core/batching.py). Text can be streamed as it is produced; stop sequences
+are held back until it is certain they are not the start of a stop sequence.
+Each conversation's attention cache is kept between turns (core/kv_cache.py),
+so a follow-up computes only its new tokens before answering.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import threading
-import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any, Callable, Protocol, Sequence
 
+from .batching import ContinuousBatcher, GenerationStats, Job, Sampling
 from .config import GeneratorConfig
 from .kv_cache import PromptCache
 from .memory import Turn
 from .model_loading import LoadedModel
 from .prompt import PromptBuilder
 
+__all__ = ["GenerationStats", "TextGenerator", "TransformersGenerator"]
+
 log = logging.getLogger("chatforge.generator")
 
 OnText = Callable[[str], None]
 """Receives each new piece of reply text as it is generated."""
-
-
-@dataclass(frozen=True)
-class GenerationStats:
-    """How the last generation went: for logs and benchmarks."""
-
-    prompt_tokens: int
-    new_tokens: int
-    seconds: float
-    first_token_seconds: float
-    reused_tokens: int = 0
-    """Prompt tokens whose keys and values came from the previous turn's cache, not computed."""
-
-    @property
-    def computed_tokens(self) -> int:
-        """Prompt tokens the model ran before the first reply token."""
-        return self.prompt_tokens - self.reused_tokens
-
-    @property
-    def tokens_per_second(self) -> float:
-        decoding = self.seconds - self.first_token_seconds
-        return (self.new_tokens - 1) / decoding if self.new_tokens > 1 and decoding > 0 else 0.0
 
 
 class TextGenerator(Protocol):
@@ -85,12 +63,16 @@ class TransformersGenerator:
         )
         self.stop_sequences = self.prompts.stop_sequences + list(config.stop)
         self.last_stats: GenerationStats | None = None
+        self.generated_tokens = 0
+        """Tokens generated since start, all replies together (for /stats and benchmarks)."""
         self.prompt_cache: PromptCache | None = None
         if config.kv_cache:
             self.prompt_cache = PromptCache(config.kv_cache_conversations, int(config.kv_cache_mb * 2**20))
-        self._closing = threading.Event()  # stops a generation in progress at the next token
-        # One worker: the model is not safe to run from two threads at once.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chatforge-generator")
+        sampling = Sampling(config.temperature, config.top_p, config.top_k, config.repetition_penalty, config.seed)
+        self.batcher = ContinuousBatcher(
+            self.model, sampling, _eos_token_ids(self.model, self.tokenizer), config.max_batch,
+            self.prompt_cache, lambda: _new_cache(self.model),
+        )
 
     async def reply(self, history: Sequence[Turn], text: str, on_text: OnText | None = None) -> str:
         prompt = self.prompts.build(history, text)
@@ -106,62 +88,27 @@ class TransformersGenerator:
         emit = None
         if on_text is not None:
             emit = lambda piece: loop.call_soon_threadsafe(on_text, piece)  # noqa: E731
-        return await loop.run_in_executor(
-            self._executor, self._generate_blocking, input_ids, emit, max_new_tokens, reuse
-        )
-
-    def _generate_blocking(
-        self, input_ids: list[int], emit: OnText | None, max_new_tokens: int, reuse: bool = False
-    ) -> str:
-        import torch
-        from transformers import StoppingCriteriaList
-
-        if self.config.seed is not None:
-            torch.manual_seed(self.config.seed)
         streamer = _StopAwareStreamer(self.tokenizer, self.stop_sequences, emit)
-        sampling: dict[str, Any] = {"do_sample": False}
-        if self.config.temperature > 0:
-            sampling = {
-                "do_sample": True,
-                "temperature": self.config.temperature,
-                "top_p": self.config.top_p,
-                "top_k": self.config.top_k,
-            }
-        started = time.perf_counter()
-        pool = self.prompt_cache if reuse else None
-        cache, reused = pool.take(input_ids) if pool is not None else (None, 0)
-        if pool is not None and cache is None:
-            cache = _new_cache(self.model)
-        inputs = torch.tensor([input_ids], dtype=torch.long, device=self.model.device)
-        with torch.inference_mode():
-            # Given a cache of `reused` tokens, generate runs only input_ids[reused:] before decoding.
-            sequences = self.model.generate(
-                inputs,
-                attention_mask=torch.ones_like(inputs),
-                **({_cache_keyword(): cache} if cache is not None else {}),
-                max_new_tokens=max_new_tokens,
-                repetition_penalty=self.config.repetition_penalty,
-                pad_token_id=self.tokenizer.pad_token_id,
-                streamer=streamer,
-                stopping_criteria=StoppingCriteriaList([_StopWhenSet(self._closing)]),
-                stop_strings=self.stop_sequences or None,
-                tokenizer=self.tokenizer if self.stop_sequences else None,
-                **sampling,
-            )
-        elapsed = time.perf_counter() - started
-        first = (streamer.first_token_at or time.perf_counter()) - started
-        self.last_stats = GenerationStats(len(input_ids), len(streamer.ids), elapsed, first, reused)
-        if pool is not None and cache is not None and not self._closing.is_set():
-            pool.put(sequences[0].tolist(), len(input_ids), cache)
+        job = Job(input_ids, max_new_tokens, streamer.put, reuse)
+        try:
+            stats = await asyncio.wrap_future(self.batcher.submit(job))
+        except asyncio.CancelledError:
+            job.abandoned = True  # free its place in the batch
+            raise
+        # The worker's pieces have all been delivered by now (they were queued before the result); the rest
+        # is sent from here, on the event loop, so it arrives before this returns.
+        streamer.emit = on_text
+        streamer.end()
+        self.last_stats = stats
+        self.generated_tokens += stats.new_tokens
         log.debug("generated %d tokens in %.2f s (%.1f tokens/s after the first at %.2f s; %d of %d prompt "
-                  "tokens reused)", len(streamer.ids), elapsed, self.last_stats.tokens_per_second, first,
-                  reused, len(input_ids))
+                  "tokens reused; batch of %d)", stats.new_tokens, stats.seconds, stats.tokens_per_second,
+                  stats.first_token_seconds, stats.reused_tokens, stats.prompt_tokens, stats.batch_size)
         return streamer.final_text()
 
     def close(self) -> None:
-        """Stop the generation in progress (at its next token), drop queued ones, free the thread and caches."""
-        self._closing.set()
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        """Stop the generations in progress (at their next token), drop queued ones, free the thread and caches."""
+        self.batcher.close()
         if self.prompt_cache is not None:
             self.prompt_cache.clear()
 
@@ -177,33 +124,25 @@ def _declared_context(model: Any, tokenizer: Any) -> int:
 
 
 def _new_cache(model: Any) -> Any:
-    """An empty cache for generate to fill and the pool to keep; None if this model needs another kind."""
+    """An empty cache for the model to fill and the pool to keep; None if this model needs another kind."""
     from transformers import DynamicCache
 
     try:
         return DynamicCache(config=model.config)
-    except Exception as exc:  # noqa: BLE001 - an unusual architecture: generate without reuse
+    except Exception as exc:  # noqa: BLE001 - an unusual architecture: no reuse, no batching
         log.debug("no reusable cache for this model: %s: %s", type(exc).__name__, exc)
         return None
 
 
-def _cache_keyword() -> str:
-    """generate's cache argument: `cache` since transformers renamed `past_key_values` during 5.x."""
-    from transformers.generation import utils
-
-    return "cache" if "cache" in getattr(utils, "ALL_CACHE_NAMES", ()) else "past_key_values"
-
-
-class _StopWhenSet:
-    """A stopping criterion that ends generation when the bot shuts down (Ctrl-C, SIGTERM)."""
-
-    def __init__(self, event: threading.Event) -> None:
-        self.event = event
-
-    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
-        import torch
-
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool)
+def _eos_token_ids(model: Any, tokenizer: Any) -> set[int]:
+    """Token ids that end a reply: the model's generation config's and the tokenizer's."""
+    ids: set[int] = set()
+    for value in (getattr(model.generation_config, "eos_token_id", None), tokenizer.eos_token_id):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    return ids
 
 
 class _StopAwareStreamer:
@@ -213,22 +152,21 @@ class _StopAwareStreamer:
         self.tokenizer = tokenizer
         self.stop_sequences = [stop for stop in stop_sequences if stop]
         self.hold_back = max((len(stop) for stop in self.stop_sequences), default=1) - 1
+        # A stop sequence of n characters ends within the last n tokens (+ a margin for byte pieces).
+        self.tail_tokens = self.hold_back + 5
         self.emit = emit
         self.ids: list[int] = []
         self.sent = 0
-        self.prompt_seen = False
-        self.first_token_at: float | None = None
 
-    # transformers' streamer protocol: put() gets the prompt first, then each new token.
-    def put(self, value: Any) -> None:
-        if not self.prompt_seen:
-            self.prompt_seen = True
-            return
-        if self.first_token_at is None:
-            self.first_token_at = time.perf_counter()
-        self.ids.extend(int(token) for token in value.reshape(-1).tolist())
+    def put(self, token: int) -> bool:
+        """Take the next token (on the generator's thread); True once a stop sequence is complete."""
+        self.ids.append(token)
         if self.emit is not None:
-            self._emit(final=False)
+            return self._emit(final=False)
+        if not self.stop_sequences:
+            return False
+        tail = self.tokenizer.decode(self.ids[-self.tail_tokens:], skip_special_tokens=True)
+        return any(stop in tail for stop in self.stop_sequences)
 
     def end(self) -> None:
         if self.emit is not None:
@@ -242,13 +180,16 @@ class _StopAwareStreamer:
     def final_text(self) -> str:
         return self.text().strip()
 
-    def _emit(self, final: bool) -> None:
+    def _emit(self, final: bool) -> bool:
+        """Send what is certain; True when a stop sequence was reached."""
         full = self.tokenizer.decode(self.ids, skip_special_tokens=True)
         text = self.text()
-        if final or len(text) < len(full):  # finished, or a stop sequence was reached
+        stopped = len(text) < len(full)
+        if final or stopped:
             ready = text.strip()
         else:
             ready = text.lstrip()[: max(0, len(text.lstrip()) - self.hold_back)].rstrip("\ufffd")
         if len(ready) > self.sent:
             piece, self.sent = ready[self.sent:], len(ready)
             self.emit(piece)
+        return stopped

@@ -84,14 +84,14 @@ def test_generation_runs_off_the_event_loop(loaded):
 
 def test_closing_stops_a_generation_at_the_next_token(loaded):
     normal = make_generator(loaded, max_new_tokens=48, stop=["never-appears"])
-    stopped = make_generator(loaded, max_new_tokens=48, stop=["never-appears"])
-    stopped._closing.set()  # as close() does when the bot shuts down mid-reply
     full = asyncio.run(normal.reply([], "hello there"))
-    cut = asyncio.run(stopped.reply([], "hello there"))
     normal.close()
+    stopped = make_generator(loaded, max_new_tokens=48, stop=["never-appears"])
+    stopped.batcher.stop()  # as close() does when the bot shuts down mid-reply...
+    with pytest.raises(RuntimeError, match="closed"):  # ...after which nothing new starts
+        asyncio.run(stopped.reply([], "hello there"))
     stopped.close()
     assert full and normal.last_stats.new_tokens >= 20
-    assert stopped.last_stats.new_tokens == 1 and len(cut) < len(full)
 
 
 def test_hub_reachability_is_a_quick_loopback_check(monkeypatch):
@@ -172,33 +172,36 @@ class StubTokenizer:
         return "".join(chr(i) for i in ids)
 
 
-class Ids(list):
-    def reshape(self, *_):
-        return self
-
-    def tolist(self):
-        return list(self)
-
-
-def stream(text: str, stops: list[str]) -> tuple[list[str], str]:
+def stream(text: str, stops: list[str], streaming: bool = True) -> tuple[list[str], str, int]:
+    """Feed `text` one character-token at a time until the streamer reports a stop; (pieces, final, fed)."""
     pieces: list[str] = []
-    streamer = _StopAwareStreamer(StubTokenizer(), stops, pieces.append)
-    streamer.put(Ids([0, 0]))  # the prompt comes first and is skipped
+    streamer = _StopAwareStreamer(StubTokenizer(), stops, pieces.append if streaming else None)
+    fed = 0
     for char in text:
-        streamer.put(Ids([ord(char)]))
+        fed += 1
+        if streamer.put(ord(char)):
+            break
     streamer.end()
-    return pieces, streamer.final_text()
+    return pieces, streamer.final_text(), fed
 
 
 def test_stop_sequences_are_never_streamed():
-    pieces, final = stream("  Hi there!\nUser: and now I speak for you", ["\nUser:", "\nBot:"])
+    pieces, final, fed = stream("  Hi there!\nUser: and now I speak for you", ["\nUser:", "\nBot:"])
     assert final == "Hi there!"
     assert "".join(pieces) == "Hi there!"
     assert all("\n" not in piece for piece in pieces)
+    assert fed == len("  Hi there!\nUser:")  # generation stops at the token that completes the stop
+
+
+def test_a_stop_sequence_ends_generation_without_streaming_too():
+    text = "Sure. " + "word " * 40 + "\nBot: and more"
+    pieces, final, fed = stream(text, ["\nUser:", "\nBot:"], streaming=False)
+    assert pieces == [] and final == ("Sure. " + "word " * 40).strip()
+    assert fed == text.index("\nBot:") + len("\nBot:")
 
 
 def test_text_that_only_looks_like_a_stop_start_is_released():
-    pieces, final = stream("a\nUseful line", ["\nUser:"])
+    pieces, final, _ = stream("a\nUseful line", ["\nUser:"])
     assert final == "a\nUseful line" and "".join(pieces) == final
 
 
