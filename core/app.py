@@ -14,6 +14,7 @@ from .generator import TextGenerator, TransformersGenerator
 from .memory import InMemoryMemory, MemoryStore, SQLiteMemory
 from .model_loading import load_model
 from .plugin_manager import PluginHost
+from .prompt import trim_step
 from . import redaction
 
 log = logging.getLogger("chatforge")
@@ -55,7 +56,8 @@ def create_generator(settings: Settings) -> TextGenerator:
         raise ConfigError(locate([issue], settings.lines), settings.filename) from None
     loaded = load_model(config.model, settings.resolve_path(config.cache_dir), fallback=config.fallback)
     loaded.model = numerics.prepare_model(loaded.model, config.device, config.dtype, config.quantize)
-    return TransformersGenerator(loaded, config, history_tokens=settings.memory.max_tokens)
+    return TransformersGenerator(loaded, config, history_tokens=settings.memory.max_tokens,
+                                 trim_turns=trim_step(settings.memory.max_turns))
 
 
 def create_engine(

@@ -30,6 +30,7 @@ from .guard import Busy, ConversationQueue, RateLimiter, clean_text
 from .memory import MemoryStore, Turn, conversation_key
 from .message import Message, Reply
 from .plugin_manager import PluginHost
+from .prompt import trim_step
 from .skill import SkillError
 
 log = logging.getLogger("chatforge.engine")
@@ -79,6 +80,20 @@ class Engine:
     def history(self, message: Message) -> list[Turn]:
         """What the bot remembers of the conversation, oldest first (at most `memory.max_turns`)."""
         return self.memory.recent(self.conversation(message), self.settings.memory.max_turns)
+
+    def context(self, message: Message) -> list[Turn]:
+        """The turns the model is given: at most `memory.max_turns`, their start moving in steps.
+
+        A window that slid by one exchange each turn would change the prompt's
+        start every turn and defeat the cached keys and values; this one keeps
+        its start until the conversation outgrows it, then drops half of it.
+        """
+        key = self.conversation(message)
+        max_turns = self.settings.memory.max_turns
+        total = self.memory.count(key)
+        step = trim_step(max_turns)
+        start = 0 if total <= max_turns else -(-(total - max_turns) // step) * step
+        return self.memory.recent(key, total - start)
 
     def forget(self, message: Message) -> int:
         """Forget the conversation; returns how many turns were deleted."""
@@ -250,7 +265,7 @@ class Engine:
 
     async def _generate(self, message: Message, on_text: OnText | None) -> Reply:
         try:
-            history = self.history(message)
+            history = self.context(message)
         except Exception as exc:  # noqa: BLE001 - an unreadable memory: answer without context
             log.error("could not read the conversation's memory: %s: %s", type(exc).__name__, exc)
             history = []

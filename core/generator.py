@@ -49,7 +49,9 @@ class TextGenerator(Protocol):
 class TransformersGenerator:
     """A causal language model loaded through transformers, answering on a worker thread."""
 
-    def __init__(self, loaded: LoadedModel, config: GeneratorConfig, history_tokens: int = 768) -> None:
+    def __init__(
+        self, loaded: LoadedModel, config: GeneratorConfig, history_tokens: int = 768, trim_turns: int = 10
+    ) -> None:
         import torch
 
         self.config = config
@@ -59,7 +61,7 @@ class TransformersGenerator:
         torch.set_num_threads(config.threads)
         context_window = config.context_window or _declared_context(self.model, self.tokenizer)
         self.prompts = PromptBuilder(
-            self.tokenizer, config.system_prompt, context_window, config.max_new_tokens, history_tokens
+            self.tokenizer, config.system_prompt, context_window, config.max_new_tokens, history_tokens, trim_turns
         )
         self.stop_sequences = self.prompts.stop_sequences + list(config.stop)
         self.last_stats: GenerationStats | None = None

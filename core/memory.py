@@ -49,6 +49,9 @@ class MemoryStore(Protocol):
     def recent(self, key: str, limit: int) -> list[Turn]:
         """The newest `limit` turns, oldest first."""
         ...
+    def count(self, key: str) -> int:
+        """How many turns the conversation has."""
+        ...
     def forget(self, key: str) -> int:
         """Delete the conversation; returns how many turns were deleted."""
         ...
@@ -81,6 +84,9 @@ class InMemoryMemory:
 
     def recent(self, key: str, limit: int) -> list[Turn]:
         return list(self._turns.get(key, [])[-limit:]) if limit > 0 else []
+
+    def count(self, key: str) -> int:
+        return len(self._turns.get(key, []))
 
     def forget(self, key: str) -> int:
         return len(self._turns.pop(key, []))
@@ -196,6 +202,10 @@ class SQLiteMemory:
                 (key, limit),
             ).fetchall()
         return [Turn(*row[:5], meta=json.loads(row[5])) for row in reversed(rows)]
+
+    def count(self, key: str) -> int:
+        with self._lock:
+            return self._db.execute("SELECT COUNT(*) FROM turns WHERE conversation = ?", (key,)).fetchone()[0]
 
     def forget(self, key: str) -> int:
         with self._lock:

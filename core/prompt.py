@@ -12,8 +12,15 @@ Plain language models such as GPT-2 get a transcript:
 
 with "\nUser:" and "\nBot:" as stop sequences, so the model never writes the
 user's next line. Newlines inside a message are flattened in the transcript,
-so a message cannot fake a role line. History is cut, oldest turns first, to
-fit the context window and the history token budget.
+so a message cannot fake a role line.
+
+History is cut, oldest turns first, to fit the context window and the history
+token budget, in steps of `trim_turns` turns counted from the start of the
+history given (halved while even the newest step is too long). Cutting in
+steps keeps the prompt's start the same for several turns, so the
+conversation's cached keys and values stay usable (core/kv_cache.py); cutting
+one exchange per turn would change the start, and recompute the whole prompt,
+on every turn.
 """
 
 from __future__ import annotations
@@ -26,6 +33,11 @@ from .memory import Turn
 USER_LABEL = "User"
 BOT_LABEL = "Bot"
 TRANSCRIPT_STOPS = [f"\n{USER_LABEL}:", f"\n{BOT_LABEL}:"]
+
+
+def trim_step(max_turns: int) -> int:
+    """Turns dropped at a time when a conversation outgrows its window: half of it, whole exchanges."""
+    return max(2, max_turns // 4 * 2)
 
 
 @dataclass
@@ -43,12 +55,14 @@ class PromptBuilder:
         context_window: int,
         max_new_tokens: int,
         history_tokens: int,
+        trim_turns: int = 2,
     ) -> None:
         self.tokenizer = tokenizer
         self.system_prompt = system_prompt
         self.uses_chat_template = bool(getattr(tokenizer, "chat_template", None))
         self.prompt_budget = max(16, context_window - max_new_tokens)
         self.history_tokens = history_tokens
+        self.trim_turns = max(1, trim_turns)
 
     @property
     def stop_sequences(self) -> list[str]:
@@ -59,13 +73,25 @@ class PromptBuilder:
         bare = self._render([], text)
         if len(bare) > self.prompt_budget:
             return Prompt(self._render([], self._clip(text, len(bare) - self.prompt_budget)), 0)
-        turns = list(history)
-        while turns:
-            ids = self._render(turns, text)
+        history = list(history)
+        for start in self._starts(len(history)):
+            ids = self._render(history[start:], text)
             if len(ids) <= self.prompt_budget and len(ids) - len(bare) <= self.history_tokens:
-                return Prompt(ids, len(turns))
-            turns = turns[1:]
+                return Prompt(ids, len(history) - start)
         return Prompt(bare, 0)
+
+    def _starts(self, turns: int):
+        """Where the kept history may start, in the order tried: every `trim_turns`-th turn first (a start
+        that stays put while the conversation grows), then on ever finer steps when those leave too much."""
+        step, tried = self.trim_turns, set()
+        while True:
+            for start in range(0, turns, step):
+                if start not in tried:
+                    tried.add(start)
+                    yield start
+            if step == 1:
+                return
+            step = max(1, step // 2)
 
     def instruction(self, text: str) -> list[int]:
         """A one-off prompt with no history (skills use it: "summarize this: ...")."""

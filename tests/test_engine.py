@@ -110,8 +110,25 @@ def test_max_turns_limits_the_history_given_to_the_model():
             await bot.ask_async(f"line {i}")
 
     run(talk())
+    assert all(len(history) <= 3 for history, _ in bot.generator.calls)
     history, _ = bot.generator.calls[-1]
-    assert [t.text for t in history] == ["echo: line 2", "line 3", "echo: line 3"]
+    assert [t.text for t in history] == ["line 3", "echo: line 3"]  # the newest turns
+
+
+def test_the_history_window_keeps_its_start_for_several_turns():
+    """Once full, the window drops half of itself at once, so prompts share their start (and KV cache)."""
+    bot = make_bot({"memory": {"max_turns": 8}})
+
+    async def talk():
+        for i in range(12):
+            await bot.ask_async(f"line {i}")
+
+    run(talk())
+    histories = [history for history, _ in bot.generator.calls]
+    assert [len(history) for history in histories] == [0, 2, 4, 6, 8, 6, 8, 6, 8, 6, 8, 6]
+    firsts = [history[0].text for history in histories[1:]]
+    assert firsts == ["line 0"] * 4 + ["line 2"] * 2 + ["line 4"] * 2 + ["line 6"] * 2 + ["line 8"]
+    assert [t.text for t in bot.history()][-2:] == ["line 11", "echo: line 11"]  # /history is not windowed
 
 
 def test_unknown_command_suggests_the_closest_one():

@@ -27,9 +27,9 @@ def loaded(tiny_gpt2, model_cache):
     return load_model(str(tiny_gpt2), model_cache)
 
 
-def make_generator(loaded, history_tokens: int = 768, **settings) -> TransformersGenerator:
+def make_generator(loaded, history_tokens: int = 768, trim_turns: int = 10, **settings) -> TransformersGenerator:
     config = GeneratorConfig(**{"temperature": 0, "max_new_tokens": 16, "system_prompt": "Be nice.", **settings})
-    return TransformersGenerator(loaded, config, history_tokens=history_tokens)
+    return TransformersGenerator(loaded, config, history_tokens=history_tokens, trim_turns=trim_turns)
 
 
 def converse(generator: TransformersGenerator, messages: list[str], history: list[Turn] | None = None):
@@ -81,17 +81,34 @@ def test_extra_stop_strings_and_a_regenerated_prompt_still_match(loaded):
     assert all(turn.reused_tokens > 0 for turn in stats[1:4])
 
 
-def test_trimmed_history_changes_the_prefix_and_falls_back_to_computing_it(loaded):
-    # A small history budget drops the oldest turns after a few exchanges, so the prompt's start changes.
-    cached, plain = make_generator(loaded, history_tokens=60), make_generator(loaded, history_tokens=60, kv_cache=False)
-    with_reuse, _, stats = converse(cached, MESSAGES * 2)
-    without, _, _ = converse(plain, MESSAGES * 2)
-    cached.close()
-    plain.close()
-    assert with_reuse == without
-    trimmed = [turn for turn in stats[1:] if turn.reused_tokens == 0]
-    assert trimmed, "the history budget never trimmed a turn"
-    assert any(turn.reused_tokens > 0 for turn in stats[1:])
+def scripted_conversation(generator: TransformersGenerator, exchanges: int):
+    """Replies and stats of a conversation whose history holds scripted answers (the tiny model's are bytes)."""
+    history: list[Turn] = []
+    replies, stats = [], []
+
+    async def talk():
+        for i in range(exchanges):
+            text = f"message {i} about the sea"
+            replies.append(await generator.reply(list(history), text))
+            stats.append(generator.last_stats)
+            history.extend([Turn("user", text), Turn("assistant", f"answer {i} is short")])
+
+    asyncio.run(talk())
+    return replies, stats
+
+
+def test_trimming_history_in_steps_keeps_the_cache_useful_once_the_budget_is_full(loaded):
+    # A 160-token history budget holds four exchanges; then the oldest are trimmed and the prompt starts anew.
+    results = {}
+    for name, settings in {"steps": {"trim_turns": 8}, "one exchange": {"trim_turns": 2},
+                           "no cache": {"trim_turns": 8, "kv_cache": False}}.items():
+        generator = make_generator(loaded, history_tokens=160, **settings)
+        results[name] = scripted_conversation(generator, 24)
+        generator.close()
+    assert results["steps"][0] == results["no cache"][0]  # reuse never changes a reply
+    misses = {name: sum(turn.reused_tokens == 0 for turn in stats[1:]) for name, (_, stats) in results.items()}
+    assert misses["one exchange"] >= 12, "the budget never filled: the test proves nothing"
+    assert misses["steps"] <= 6 < misses["one exchange"]
 
 
 def test_least_recently_used_conversation_is_evicted_by_count(loaded):

@@ -46,6 +46,16 @@ def test_recent_returns_turns_oldest_first(store):
     assert store.recent("k", 10) == turns
 
 
+def test_count_is_per_conversation_and_follows_forget(store):
+    assert store.count("k") == 0
+    for i in range(5):
+        store.add("k", turn(f"line {i}", at=1000.0 + i))
+    store.add("other", turn("elsewhere"), turn("and again"))
+    assert (store.count("k"), store.count("other")) == (5, 2)
+    store.forget("k")
+    assert (store.count("k"), store.count("other")) == (0, 2)
+
+
 def test_recent_limit_keeps_the_newest(store):
     for i in range(6):
         store.add("k", turn(f"line {i}", at=1000.0 + i))
