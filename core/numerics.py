@@ -68,19 +68,23 @@ def prepare_model(model: Any, device: str = "cpu", dtype: str = "float32", quant
         raise ValueError(f"quantize {quantize} needs device cpu and dtype float32")
     model = model.to(device=target, dtype=getattr(torch, dtype))
     done = f"{dtype} on {target}"
-    if quantize != "none":
+    if quantize == "int8":
+        # Straight from each layer's float weight, no float copy on the way: peak memory stays near fp32's.
+        from transformers.pytorch_utils import Conv1D
+
+        swapped = replace_linears(model, Int8Linear.from_conv1d, kind=Conv1D)
+        linears = replace_linears(model, Int8Linear.from_linear) + swapped
+        done = f"int8 weights in {linears} Linear layers" + (f" ({swapped} of them Conv1D)" if swapped else "")
+    elif quantize == "int8-dynamic":
         swapped = conv1d_to_linear(model)
         linears = sum(isinstance(module, nn.Linear) for module in model.modules())
-        if quantize == "int8":
-            replace_linears(model, Int8Linear.from_linear)
-            done = f"int8 weights in {linears} Linear layers"
-        else:
-            with warnings.catch_warnings():  # torch.ao.quantization is deprecated (for torchao), still works
-                warnings.simplefilter("ignore", DeprecationWarning)
-                warnings.filterwarnings("ignore", "torch.quantize_per_tensor", UserWarning)
-                model = torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8, inplace=True)
-            done = f"dynamic int8 quantization of {linears} Linear layers"
+        with warnings.catch_warnings():  # torch.ao.quantization is deprecated (for torchao), still works
+            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.filterwarnings("ignore", "torch.quantize_per_tensor", UserWarning)
+            model = torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8, inplace=True)
+        done = f"dynamic int8 quantization of {linears} Linear layers"
         done += f" ({swapped} converted from Conv1D)" if swapped else ""
+    if quantize != "none":
         done += ", float32 elsewhere, on cpu"
     model.eval()
     log.info("model numerics: %s, prepared in %.2f s", done, time.perf_counter() - started)
@@ -104,10 +108,25 @@ class Int8Linear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Int8Linear:
-        weight = linear.weight.detach().float()
-        scales = (weight.abs().amax(dim=1) / 127).clamp(min=torch.finfo(torch.float32).tiny)
-        weight_int8 = torch.round(weight / scales[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
-        bias = None if linear.bias is None else linear.bias.detach().clone()
+        return cls.from_weight(linear.weight, linear.bias)
+
+    @classmethod
+    def from_conv1d(cls, conv: Any) -> Int8Linear:
+        """From transformers' Conv1D (GPT-2), whose weight is stored [in, out]: the same maths as a Linear."""
+        return cls.from_weight(conv.weight.t(), conv.bias)
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, rows_at_once: int = 4096) -> Int8Linear:
+        """Quantize a [out, in] weight a block of rows at a time, so no whole-matrix temporaries are made."""
+        weight = weight.detach()
+        weight_int8 = torch.empty(weight.shape, dtype=torch.int8)
+        scales = torch.empty(weight.shape[0], dtype=torch.float32)
+        for first in range(0, weight.shape[0], rows_at_once):
+            block = weight[first:first + rows_at_once].float()
+            block_scales = (block.abs().amax(dim=1) / 127).clamp(min=torch.finfo(torch.float32).tiny)
+            weight_int8[first:first + rows_at_once] = torch.round(block / block_scales[:, None]).clamp(-127, 127)
+            scales[first:first + rows_at_once] = block_scales
+        bias = None if bias is None else bias.detach().clone()
         return cls(weight_int8, scales.to(torch.bfloat16), bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

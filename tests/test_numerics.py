@@ -78,6 +78,25 @@ def test_int8_linear_is_close_to_the_float_layer():
     assert (got - expected).abs().max() < 0.02 * expected.abs().max()
 
 
+def test_int8_straight_from_conv1d_or_in_row_blocks_is_the_same_quantization():
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    conv = Conv1D(48, 64)  # GPT-2's layer: weight stored [in, out]
+    torch.nn.init.normal_(conv.weight)
+    linear = torch.nn.Linear(64, 48)
+    with torch.no_grad():
+        linear.weight.copy_(conv.weight.t())
+        linear.bias.copy_(conv.bias)
+    whole, direct = Int8Linear.from_linear(linear), Int8Linear.from_conv1d(conv)
+    blocks = Int8Linear.from_weight(linear.weight, linear.bias, rows_at_once=5)
+    for other in (direct, blocks):
+        assert torch.equal(other.weight_int8, whole.weight_int8) and torch.equal(other.scales, whole.scales)
+    x = torch.randn(2, 64)
+    with torch.inference_mode():
+        assert torch.equal(direct(x), whole(x))
+
+
 def generate_twice(loaded, **settings) -> tuple[str, str]:
     config = GeneratorConfig(**{"temperature": 0, "max_new_tokens": 16, **settings})
     loaded.model = prepare_model(loaded.model, config.device, config.dtype, config.quantize)
@@ -121,7 +140,7 @@ def test_create_generator_applies_the_configured_numerics(tmp_path, tiny_gpt2, c
     finally:
         generator.close()
     [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("model numerics:")]
-    assert "int8 weights in 9 Linear layers (8 converted from Conv1D)" in line
+    assert "int8 weights in 9 Linear layers (8 of them Conv1D)" in line
 
 
 @pytest.mark.parametrize("lines, path, words", [
