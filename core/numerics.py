@@ -3,9 +3,9 @@
 Decoding one token at a time is bound by reading every weight from memory,
 so smaller weights decode faster: bfloat16 halves them, int8 quarters them.
 
-Two int8 schemes, both for the CPU and for `nn.Linear` layers only (GPT-2's
-transformers `Conv1D` layers, the same maths with the weight stored
-transposed, are first swapped for equivalent Linears):
+Two int8 schemes, both for the CPU, for `nn.Linear` layers and GPT-2's
+transformers `Conv1D` layers (the same maths with the weight stored
+transposed):
 
 - `int8`: int8 weights with one scale per output row; activations stay
   floating point (bfloat16 inside the matmul). On SmolLM2 this keeps
