@@ -13,16 +13,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Callable, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
 
-from .batching import ContinuousBatcher, GenerationStats, Job, Sampling
 from .config import GeneratorConfig
-from .kv_cache import PromptCache
 from .memory import Turn
 from .model_loading import LoadedModel
 from .prompt import PromptBuilder
 
-__all__ = ["GenerationStats", "TextGenerator", "TransformersGenerator"]
+if TYPE_CHECKING:  # torch is imported only once a model is wanted
+    from .batching import GenerationStats
+    from .kv_cache import PromptCache
 
 log = logging.getLogger("chatforge.generator")
 
@@ -53,6 +53,9 @@ class TransformersGenerator:
         self, loaded: LoadedModel, config: GeneratorConfig, history_tokens: int = 768, trim_turns: int = 10
     ) -> None:
         import torch
+
+        from .batching import ContinuousBatcher, Sampling
+        from .kv_cache import PromptCache
 
         self.config = config
         self.model = loaded.model
@@ -91,6 +94,8 @@ class TransformersGenerator:
         if on_text is not None:
             emit = lambda piece: loop.call_soon_threadsafe(on_text, piece)  # noqa: E731
         streamer = _StopAwareStreamer(self.tokenizer, self.stop_sequences, emit)
+        from .batching import Job
+
         job = Job(input_ids, max_new_tokens, streamer.put, reuse)
         try:
             stats = await asyncio.wrap_future(self.batcher.submit(job))
