@@ -30,7 +30,7 @@ from .guard import Busy, ConversationQueue, RateLimiter, clean_text
 from .memory import MemoryStore, Turn, conversation_key
 from .message import Message, Reply
 from .plugin_manager import PluginHost
-from .prompt import trim_step
+from .prompt import window_start
 from .skill import SkillError
 
 log = logging.getLogger("chatforge.engine")
@@ -89,11 +89,8 @@ class Engine:
         its start until the conversation outgrows it, then drops half of it.
         """
         key = self.conversation(message)
-        max_turns = self.settings.memory.max_turns
         total = self.memory.count(key)
-        step = trim_step(max_turns)
-        start = 0 if total <= max_turns else -(-(total - max_turns) // step) * step
-        return self.memory.recent(key, total - start)
+        return self.memory.recent(key, total - window_start(total, self.settings.memory.max_turns))
 
     def forget(self, message: Message) -> int:
         """Forget the conversation; returns how many turns were deleted."""

@@ -40,6 +40,13 @@ def trim_step(max_turns: int) -> int:
     return max(2, max_turns // 4 * 2)
 
 
+def window_start(total_turns: int, max_turns: int) -> int:
+    """Where a conversation of `total_turns` starts being recalled: fixed until it outgrows `max_turns`,
+    then moved on by `trim_step(max_turns)` turns at once (0 while everything fits)."""
+    step = trim_step(max_turns)
+    return 0 if total_turns <= max_turns else -(-(total_turns - max_turns) // step) * step
+
+
 @dataclass
 class Prompt:
     input_ids: list[int]

@@ -28,13 +28,14 @@ from typing import Sequence
 import pytest
 
 from chatforge.memory import InMemoryMemory, SQLiteMemory, Turn, conversation_key
+from chatforge.prompt import window_start
 from chatforge.testing import make_bot
 
 CHATS = 10
 USERS_PER_CHAT = 5
 MESSAGES_PER_USER = 20
 TOTAL = CHATS * USERS_PER_CHAT * MESSAGES_PER_USER  # 1,000
-MAX_TURNS = 20  # memory.max_turns: the history the generator sees saturates after 10 messages
+MAX_TURNS = 20  # memory.max_turns: the history the generator sees is windowed after 10 messages
 ROUND_TIMEOUT = 120  # seconds for 1,000 messages in-process (they take a second or two)
 
 
@@ -197,10 +198,10 @@ def test_1000_messages_through_the_engine(tmp_path, capsys, memory_kind, mode, s
             assert completed[key] == [text for text, _ in sent], f"replies out of order in {key}"
             turns: list[tuple[str, str]] = []
             for k, (text, fields) in enumerate(sent):
-                seen = min(2 * k, MAX_TURNS)
-                assert replies[text] == PausingGenerator.reply_for(text, seen)
+                context = turns[window_start(len(turns), MAX_TURNS):]
+                assert replies[text] == PausingGenerator.reply_for(text, len(context))
                 # The generator saw exactly this conversation's latest turns, nothing of another.
-                assert generator.seen[text] == tuple(turns[-MAX_TURNS:] if k else ()), text
+                assert generator.seen[text] == tuple(context), text
                 turns += [("user", text), ("assistant", replies[text])]
             remembered = bot.memory.recent(key, 10**6)
             assert [(turn.role, turn.text) for turn in remembered] == turns, f"memory of {key}"
