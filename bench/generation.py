@@ -1,7 +1,7 @@
 """chatforge's generator against plain transformers `model.generate`, measured in the same run.
 
 For each model (the GPT-2 124M shape with random weights, and the embedded
-SmolLM2-135M-Instruct) and each chatforge variant (fp32; int8), it measures:
+SmolLM2-135M-Instruct) and each chatforge variant (fp32; int8; ONNX Runtime int8), it measures:
 
   decode tok/s        batch 1, a ~200-token prompt, 64 new tokens
   TTFT                time to the first new token of that prompt
@@ -75,12 +75,13 @@ def chatforge_generator(folder: Path, **overrides):
     from chatforge.config import GeneratorConfig
     from chatforge.generator import TransformersGenerator
     from chatforge.model_loading import load_model
-    from chatforge.numerics import prepare_model
+    from chatforge.app import prepare_model
 
-    config = GeneratorConfig(model=str(folder), temperature=0, max_new_tokens=NEW_TOKENS, threads=1,
-                             context_window=2048, **overrides)
+    # Greedy, no repetition penalty: the same decoding as the plain generate it is compared with.
+    config = GeneratorConfig(model=str(folder), temperature=0, repetition_penalty=1.0, max_new_tokens=NEW_TOKENS,
+                             threads=1, context_window=2048, **overrides)
     loaded = load_model(str(folder), CACHE)
-    loaded.model = prepare_model(loaded.model, config.device, config.dtype, config.quantize)
+    loaded.model = prepare_model(loaded.model, config, CACHE)
     loaded.model.generation_config.eos_token_id = None  # fixed-length runs
     return TransformersGenerator(loaded, config, history_tokens=4096)
 
@@ -285,7 +286,8 @@ def main() -> None:
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
 
-    variants = {"fp32": {}, "int8": {"quantize": "int8"}}
+    variants = {"fp32": {}, "int8": {"quantize": "int8"},
+                "onnxruntime-int8": {"runtime": "onnxruntime", "quantize": "int8"}}
     report = {"runs": args.runs, "new_tokens": NEW_TOKENS, "engine_overhead_ms": engine_overhead_ms(), "models": {}}
     for name, (folder, description) in load_models(args.models.split(",")).items():
         entry = report["models"][name] = {"description": description}

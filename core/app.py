@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from typing import Iterable
+from pathlib import Path
+from typing import Any, Iterable
 
 from .adapter import Adapter, AdapterError
-from .config import ConfigError, ConfigIssue, Settings, locate
+from .config import ConfigError, ConfigIssue, GeneratorConfig, Settings, locate
 from .engine import Engine
 from .generator import TextGenerator, TransformersGenerator
 from .memory import InMemoryMemory, MemoryStore, SQLiteMemory
@@ -54,10 +55,30 @@ def create_generator(settings: Settings) -> TextGenerator:
     except numerics.DeviceUnavailable as exc:
         issue = ConfigIssue("generator.device", str(exc))
         raise ConfigError(locate([issue], settings.lines), settings.filename) from None
-    loaded = load_model(config.model, settings.resolve_path(config.cache_dir), fallback=config.fallback)
-    loaded.model = numerics.prepare_model(loaded.model, config.device, config.dtype, config.quantize)
+    if config.runtime == "onnxruntime":
+        from . import onnx_runtime
+
+        try:
+            onnx_runtime.require()
+        except onnx_runtime.OnnxUnavailable as exc:
+            issue = ConfigIssue("generator.runtime", f"onnxruntime {exc}")
+            raise ConfigError(locate([issue], settings.lines), settings.filename) from None
+    cache_dir = settings.resolve_path(config.cache_dir)
+    loaded = load_model(config.model, cache_dir, fallback=config.fallback)
+    loaded.model = prepare_model(loaded.model, config, cache_dir)
     return TransformersGenerator(loaded, config, history_tokens=settings.memory.max_tokens,
                                  trim_turns=trim_step(settings.memory.max_turns))
+
+
+def prepare_model(model: Any, config: GeneratorConfig, cache_dir: Path) -> Any:
+    """The model as the generator will run it: on its device and in its precision, or under ONNX Runtime."""
+    if config.runtime == "onnxruntime":
+        from . import onnx_runtime
+
+        return onnx_runtime.load(model, cache_dir, config.quantize, config.threads)
+    from . import numerics
+
+    return numerics.prepare_model(model, config.device, config.dtype, config.quantize)
 
 
 def create_engine(

@@ -106,6 +106,10 @@ class GeneratorConfig(StrictModel):
     """CPU only. `int8`: int8 weights, ~2.4x faster decoding, near-float32 quality;
     `int8-dynamic`: int8 activations too, ~2.8x faster but lossy (see chatforge.numerics)."""
 
+    runtime: Literal["torch", "onnxruntime"] = "torch"
+    """`onnxruntime`: the model is exported to ONNX once (cached in cache_dir) and run by ONNX Runtime on the
+    CPU; with `quantize: int8` that decodes ~4x faster than plain transformers. Needs chatforge[onnx]."""
+
     @field_validator("dtype")
     @classmethod
     def _dtype_fits_device(cls, dtype: str, info: ValidationInfo) -> str:
@@ -127,6 +131,20 @@ class GeneratorConfig(StrictModel):
                 "quantize_dtype", 'must be "none" unless generator.dtype is "float32" '
                 "(the layers around the int8 ones stay float32)")
         return quantize
+
+    @field_validator("runtime")
+    @classmethod
+    def _runtime_fits_numerics(cls, runtime: str, info: ValidationInfo) -> str:
+        if runtime == "onnxruntime":
+            if info.data.get("device", "cpu") != "cpu" or info.data.get("dtype", "float32") != "float32":
+                raise PydanticCustomError(
+                    "runtime_device", 'must be "torch" unless generator.device is "cpu" and generator.dtype is '
+                    '"float32" (chatforge runs ONNX Runtime on the CPU, in float32 or with int8 weights)')
+            if info.data.get("quantize", "none") == "int8-dynamic":
+                raise PydanticCustomError(
+                    "runtime_quantize", 'must be "torch" for quantize "int8-dynamic" (with onnxruntime, '
+                    'use quantize "int8": int8 weights in blocks, near-float32 quality)')
+        return runtime
     context_window: Optional[PositiveInt] = None
     """Tokens the model sees at most; default: what the model declares."""
     system_prompt: str = (
