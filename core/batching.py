@@ -142,10 +142,6 @@ class ContinuousBatcher:
         self.stop()
         self._thread.join(timeout)
 
-    @property
-    def closing(self) -> bool:
-        return self._closing.is_set()
-
     # The worker thread.
 
     def _serve(self) -> None:
@@ -161,9 +157,15 @@ class ContinuousBatcher:
                     while self._pending and len(batch.rows) + len(arrivals) < self.max_batch:
                         arrivals.append(self._pending.popleft())
                 for job in arrivals:
-                    self._admit(job, batch)
+                    try:
+                        self._admit(job, batch)
+                    except Exception as exc:  # noqa: BLE001 - the batch may be half changed: fail it whole
+                        self._fail([job] + [row.job for row in batch.rows], exc, batch)
                 if batch.rows:
-                    self._step(batch)
+                    try:
+                        self._step(batch)
+                    except Exception as exc:  # noqa: BLE001 - fail the replies in progress, keep serving
+                        self._fail([row.job for row in batch.rows], exc, batch)
             for row in batch.rows:  # closing: what each reply has so far is its answer
                 self._finish(row, cache=None)
         with self._wakeup:
@@ -205,29 +207,30 @@ class ContinuousBatcher:
         """Feed every row its last token, choose each row's next one, and let finished rows go."""
         rows = batch.rows
         device = self.model.device
-        try:
-            batch.mask = torch.cat([batch.mask, batch.mask.new_ones((len(rows), 1))], dim=1)
-            logits, batch.cache = self._forward(
-                torch.tensor([[row.ids[-1]] for row in rows], device=device),
-                batch.mask,
-                torch.tensor([[len(row.ids) - 1] for row in rows], device=device),
-                batch.cache,
-            )
-            for index, row in enumerate(rows):
-                row.batch_size = max(row.batch_size, len(rows))
-                self._choose(row, logits[index])
-        except Exception as exc:  # noqa: BLE001 - fail the rows in this batch, keep serving
-            log.exception("generation failed for %d replies in progress", len(rows))
-            for row in rows:
-                row.job.future.set_exception(exc)
-            batch.clear()
-            return
+        batch.mask = torch.cat([batch.mask, batch.mask.new_ones((len(rows), 1))], dim=1)
+        logits, batch.cache = self._forward(
+            torch.tensor([[row.ids[-1]] for row in rows], device=device),
+            batch.mask,
+            torch.tensor([[len(row.ids) - 1] for row in rows], device=device),
+            batch.cache,
+        )
+        for index, row in enumerate(rows):
+            row.batch_size = max(row.batch_size, len(rows))
+            self._choose(row, logits[index])
         finished = [index for index, row in enumerate(rows) if row.done]
         if finished:
             for index in finished:
                 keep = rows[index].job.reuse_cache and self.prompt_cache is not None
                 self._finish(rows[index], batch.row_cache(index, self.new_cache) if keep else None)
             batch.remove(finished)
+
+    def _fail(self, jobs: list[Job], exc: Exception, batch: _Batch) -> None:
+        """These jobs end with `exc`; the batch starts again empty."""
+        log.exception("generation failed for %d replies", len(jobs))
+        for job in jobs:
+            if not job.future.done():
+                job.future.set_exception(exc)
+        batch.clear()
 
     def _forward(self, input_ids: Any, attention_mask: Any, position_ids: Any, cache: Any) -> tuple[Any, Any]:
         """The last position's logits (float32) and the updated cache."""

@@ -225,3 +225,31 @@ def test_a_cancelled_reply_frees_its_place_at_the_next_token(gpt2):
     assert asyncio.run(cancel_midway())
     generator.close()
     assert generator.last_stats.batch_size == 1  # the cancelled reply had already left the batch
+
+
+def test_a_fault_in_the_shared_batch_fails_its_replies_and_the_worker_serves_on(gpt2, monkeypatch):
+    from chatforge import batching
+
+    generator = make_generator(gpt2, max_batch=2, kv_cache=False)
+    batcher = generator.batcher
+    ids = generator.prompts.build([], "hello").input_ids
+    original_add = batching._Batch.add
+
+    def add_failing_for_a_second_row(self, row, cache):
+        if self.rows:
+            raise MemoryError("no room to join the batch")
+        original_add(self, row, cache)
+
+    monkeypatch.setattr(batching._Batch, "add", add_failing_for_a_second_row)
+    first_started = threading.Event()
+    first = Job(ids, 150, lambda token: first_started.set() or False)
+    second = Job(ids, 150, lambda token: False)
+    batcher.submit(first)
+    assert first_started.wait(30)
+    batcher.submit(second)
+    for job in (first, second):
+        with pytest.raises(MemoryError):
+            job.future.result(30)
+    monkeypatch.setattr(batching._Batch, "add", original_add)
+    assert asyncio.run(generator.reply([], "still serving?"))
+    generator.close()
