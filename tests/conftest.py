@@ -67,6 +67,26 @@ def tiny_gpt2(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_llama(tiny_gpt2, model_cache):
+    """A two-layer Llama (rotary positions, grouped-query attention) with the tiny GPT-2's tokenizer.
+
+    Kept in memory (a LoadedModel); tests must not change it.
+    """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from chatforge.model_loading import LoadedModel, load_model
+
+    tokenizer = load_model(str(tiny_gpt2), model_cache).tokenizer
+    torch.manual_seed(0)
+    eos = tokenizer.eos_token_id
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         bos_token_id=eos, eos_token_id=eos)
+    return LoadedModel(LlamaForCausalLM(config).eval(), tokenizer, "tiny-llama")
+
+
+@pytest.fixture(scope="session")
 def model_cache(tmp_path_factory) -> Path:
     """Where converted models go during the test session (shared by every test)."""
     return tmp_path_factory.mktemp("chatforge-cache")

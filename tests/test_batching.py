@@ -27,19 +27,6 @@ def gpt2(tiny_gpt2, model_cache):
     return load_model(str(tiny_gpt2), model_cache)
 
 
-@pytest.fixture(scope="module")
-def llama(gpt2):
-    """A two-layer Llama (rotary positions, grouped-query attention) sharing the tiny GPT-2's tokenizer."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    eos = gpt2.tokenizer.eos_token_id
-    config = LlamaConfig(vocab_size=len(gpt2.tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         bos_token_id=eos, eos_token_id=eos)
-    return LoadedModel(LlamaForCausalLM(config).eval(), gpt2.tokenizer, "tiny-llama")
-
-
 def make_generator(loaded, **settings) -> TransformersGenerator:
     config = GeneratorConfig(**{"temperature": 0, "max_new_tokens": 24, "stop": ["never-appears"], **settings})
     return TransformersGenerator(loaded, config)
@@ -52,7 +39,7 @@ def answer_all(generator, prompts, history=()) -> list[str]:
     return asyncio.run(crowd())
 
 
-@pytest.mark.parametrize("model", ["gpt2", "llama"])
+@pytest.mark.parametrize("model", ["gpt2", "tiny_llama"])
 def test_replies_decoded_together_equal_replies_decoded_alone(model, request):
     loaded = request.getfixturevalue(model)
     alone = make_generator(loaded, max_batch=1, kv_cache=False)
@@ -89,11 +76,11 @@ def test_seeded_sampling_is_the_same_in_a_batch_as_alone(gpt2):
     assert got == expected
 
 
-def test_followups_in_a_batch_reuse_each_conversations_cache(llama):
+def test_followups_in_a_batch_reuse_each_conversations_cache(tiny_llama):
     history = [Turn("user", "hello there"), Turn("assistant", "hi, how can I help?")]
     prompts = PROMPTS[:3]  # short enough that no history is trimmed from the follow-ups
-    cached = make_generator(llama, max_batch=8)
-    fresh = make_generator(llama, max_batch=8, kv_cache=False)
+    cached = make_generator(tiny_llama, max_batch=8)
+    fresh = make_generator(tiny_llama, max_batch=8, kv_cache=False)
     expected = answer_all(fresh, prompts, history)
     answer_all(cached, prompts, history)  # leaves one cache per conversation
     follow_history = []

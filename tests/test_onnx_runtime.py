@@ -30,18 +30,6 @@ def gpt2(tiny_gpt2, model_cache):
 
 
 @pytest.fixture(scope="module")
-def llama(gpt2):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    eos = gpt2.tokenizer.eos_token_id
-    config = LlamaConfig(vocab_size=len(gpt2.tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         bos_token_id=eos, eos_token_id=eos)
-    return LoadedModel(LlamaForCausalLM(config).eval(), gpt2.tokenizer, "tiny-llama")
-
-
-@pytest.fixture(scope="module")
 def exports(tmp_path_factory):
     """Where this module's exports are kept (shared, so each model is exported once per variant)."""
     return tmp_path_factory.mktemp("onnx-exports")
@@ -63,7 +51,7 @@ def forward_both(torch_model, onnx_model, ids: torch.Tensor, follow: torch.Tenso
     return (reference.logits[0, -1], ours.logits[0, -1]), (reference_next.logits[0, -1], ours_next.logits[0, -1])
 
 
-@pytest.mark.parametrize("model", ["gpt2", "llama"])
+@pytest.mark.parametrize("model", ["gpt2", "tiny_llama"])
 def test_the_float32_graph_computes_what_transformers_computes(model, request, exports):
     loaded = request.getfixturevalue(model)
     onnx_model = onnx_runtime.load(loaded.model, exports)
@@ -73,7 +61,7 @@ def test_the_float32_graph_computes_what_transformers_computes(model, request, e
         assert torch.allclose(got, expected, atol=1e-4), (got - expected).abs().max()
 
 
-@pytest.mark.parametrize("model", ["gpt2", "llama"])
+@pytest.mark.parametrize("model", ["gpt2", "tiny_llama"])
 def test_int8_weights_stay_close(model, request, exports):
     loaded = request.getfixturevalue(model)
     onnx_model = onnx_runtime.load(loaded.model, exports, quantize="int8")
