@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .model_loading import progress
+from .model_loading import ModelLoadError, progress
 
 log = logging.getLogger("chatforge.generator")
 
@@ -63,7 +63,12 @@ def load(model: Any, cache_dir: Path, quantize: str = "none", threads: int = 1) 
     if not graph.is_file():
         with progress(f"exporting the model to ONNX{' and quantizing it to int8' if quantize == 'int8' else ''}"
                       f" in {folder} (first start only)"):
-            build(model, graph, quantize)
+            try:
+                build(model, graph, quantize)
+            except Exception as exc:  # noqa: BLE001 - an architecture the exporter cannot trace, a full disk...
+                log.debug("ONNX export failed", exc_info=True)
+                raise ModelLoadError(f"generator.runtime: onnxruntime: could not export {_slug(model)} to ONNX "
+                                     f"({type(exc).__name__}: {exc}); runtime: torch runs it as it is") from None
     onnx_model = OnnxCausalLM(graph, model.config, model.generation_config, threads)
     log.info("model numerics: ONNX Runtime, %s weights, from %s", "int8" if quantize == "int8" else "float32", graph)
     return onnx_model

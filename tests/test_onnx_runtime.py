@@ -154,3 +154,22 @@ def test_exporting_leaves_the_torch_model_as_it_was(gpt2, tmp_path):
     before = gpt2.model.config._attn_implementation
     onnx_runtime.load(gpt2.model, tmp_path)
     assert gpt2.model.config._attn_implementation == before
+
+
+def test_a_model_that_cannot_be_exported_is_a_clear_error_leaving_nothing_behind(gpt2, tmp_path, monkeypatch):
+    from chatforge.model_loading import ModelLoadError
+
+    def export_fails(model, target):
+        target.parent.mkdir(parents=True)
+        target.write_text("half written")
+        raise RuntimeError("this architecture cannot be traced")
+
+    monkeypatch.setattr(onnx_runtime, "export", export_fails)
+    with pytest.raises(ModelLoadError, match=r"generator.runtime: onnxruntime: could not export .* "
+                                             r"\(RuntimeError: this architecture cannot be traced\); runtime: torch"):
+        onnx_runtime.load(gpt2.model, tmp_path)
+    assert [path.name for path in (tmp_path / "onnx").rglob("*")] == [first_folder_name(gpt2)]
+
+
+def first_folder_name(loaded) -> str:
+    return f"{onnx_runtime._slug(loaded.model)}-{onnx_runtime.fingerprint(loaded.model)}"
