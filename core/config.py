@@ -103,7 +103,7 @@ class GeneratorConfig(StrictModel):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Weight precision; float16 is only fast (and only allowed) on a GPU."""
     quantize: Literal["none", "int8", "int8-dynamic"] = "none"
-    """CPU only. `int8`: int8 weights, ~2.4x faster decoding, near-float32 quality;
+    """CPU only. `int8`: int8 weights, ~2.2-2.4x faster decoding, near-float32 quality;
     `int8-dynamic`: int8 activations too, ~2.8x faster but lossy (see chatforge.numerics)."""
 
     runtime: Literal["torch", "onnxruntime"] = "torch"

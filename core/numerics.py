@@ -9,7 +9,7 @@ transposed):
 
 - `int8`: int8 weights with one scale per output row; activations stay
   floating point (bfloat16 inside the matmul). On SmolLM2 this keeps
-  perplexity within 0.1% of float32 and decodes ~2.4x faster.
+  perplexity within 0.1% of float32 and decodes ~2.2-2.4x faster.
 - `int8-dynamic`: `torch.ao.quantization.quantize_dynamic`, which also rounds
   each layer's input to 8 bits. ~2.8x faster, but outliers in the inputs of
   Llama-style MLP down-projections make that lossy: SmolLM2's perplexity
