@@ -114,8 +114,7 @@ class ContinuousBatcher:
             log.info("this model's cache cannot be batched here; answering one request at a time")
         forward = inspect.signature(model.forward).parameters
         self._keep_last_logits = {"logits_to_keep": 1} if "logits_to_keep" in forward else {}
-        # transformers renamed `past_key_values` to `cache` during 5.x.
-        self._cache_keyword = "cache" if "cache" in forward else "past_key_values"
+        self._cache_keyword = cache_keyword(model)
         self._pending: deque[Job] = deque()
         self._wakeup = threading.Condition()
         self._closing = threading.Event()
@@ -341,7 +340,7 @@ class _Batch:
     def add(self, row: _Row, cache: Any) -> None:
         """Join `row`, whose own cache holds all its tokens but the last."""
         length = len(row.ids) - 1
-        mask = torch.ones((1, length), dtype=torch.long, device=row_device(cache))
+        mask = torch.ones((1, length), dtype=torch.long, device=_device_of(cache))
         if not self.rows:
             self.rows, self.cache, self.mask = [row], cache, mask
             return
@@ -383,7 +382,7 @@ class _Batch:
         self.mask = self.mask[:, start:]
 
 
-def row_device(cache: Any) -> Any:
+def _device_of(cache: Any) -> Any:
     layers = getattr(cache, "layers", None) or []
     return layers[0].keys.device if layers and getattr(layers[0], "keys", None) is not None else "cpu"
 
@@ -395,6 +394,12 @@ def _pad_left(tensor: Any, width: int, dim: int = -2) -> Any:
         return tensor
     pad = [0, 0] * (tensor.dim() - (dim % tensor.dim()) - 1) + [missing, 0]
     return F.pad(tensor, pad)
+
+
+def cache_keyword(model: Any) -> str:
+    """The forward argument that takes the attention cache: transformers renamed `past_key_values` to `cache`
+    during 5.x."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def _can_batch(model: Any, cache: Any) -> bool:

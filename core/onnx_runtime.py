@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .batching import cache_keyword
 from .model_loading import ModelLoadError, progress
 
 log = logging.getLogger("chatforge.generator")
@@ -97,8 +98,7 @@ def export(model: Any, target: Path) -> None:
     from transformers import DynamicCache
 
     layers, kv_heads, head_dim = kv_shape(model.config)
-    forward_parameters = _forward_parameters(model)
-    cache_keyword = "cache" if "cache" in forward_parameters else "past_key_values"
+    keyword = cache_keyword(model)
 
     class ExplicitCache(torch.nn.Module):
         def __init__(self, wrapped: Any) -> None:
@@ -108,7 +108,7 @@ def export(model: Any, target: Path) -> None:
         def forward(self, input_ids: Any, attention_mask: Any, position_ids: Any, past: tuple) -> tuple:
             cache = DynamicCache([(past[2 * i], past[2 * i + 1]) for i in range(layers)], config=self.wrapped.config)
             output = self.wrapped(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                  use_cache=True, logits_to_keep=1, **{cache_keyword: cache})
+                                  use_cache=True, logits_to_keep=1, **{keyword: cache})
             present = []
             for layer in cache.layers:
                 present += [layer.keys, layer.values]
@@ -315,12 +315,6 @@ def fingerprint(model: Any) -> str:
 def _slug(model: Any) -> str:
     name = Path(str(getattr(model, "name_or_path", "") or "model")).name or "model"
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)[:60]
-
-
-def _forward_parameters(model: Any) -> set[str]:
-    import inspect
-
-    return set(inspect.signature(model.forward).parameters)
 
 
 def _importable(name: str) -> bool:

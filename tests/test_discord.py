@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from processes import terminate
 from fake_discord import (APP_ID, BOT_USER, CHANNEL_ID, DM_CHANNEL_ID, OTHER_CHANNEL_ID, THREAD_ID, FakeDiscord,
                           Request, user)
 
@@ -149,14 +150,7 @@ class Bot:
         return self.process.wait(timeout)
 
     def stop(self, timeout: float = 15) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
-        return self.process.returncode
+        return terminate(self.process, timeout)
 
 
 def replies_to(fake: FakeDiscord, message_id: str, since: int = 0) -> list[Request]:

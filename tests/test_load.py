@@ -14,7 +14,6 @@ import gc
 import json
 import os
 import random
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -30,6 +29,7 @@ import pytest
 from chatforge.memory import InMemoryMemory, SQLiteMemory, Turn, conversation_key
 from chatforge.prompt import window_start
 from chatforge.testing import make_bot
+from processes import terminate
 
 CHATS = 10
 USERS_PER_CHAT = 5
@@ -343,12 +343,7 @@ def test_1000_messages_through_chatforge_run_and_telegram(tmp_path, capsys, tiny
             fake.wait_polls(2, 15)  # anything more it had to say, it has said by now
             time.sleep(1)
         finally:
-            process.send_signal(signal.SIGTERM)
-            try:
-                status = process.wait(30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                status = process.wait(10)
+            status = terminate(process, 30)
             out.close()
             err.close()
         figure(capsys, f"chatforge run + Telegram + tiny GPT-2: {TOTAL} messages answered in {seconds:.1f} s = "

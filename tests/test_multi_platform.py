@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -12,6 +11,7 @@ from pathlib import Path
 
 from fake_discord import FakeDiscord, user
 from fake_telegram import FakeTelegram
+from processes import terminate
 
 CHATFORGE = str(Path(sys.executable).parent / "chatforge")
 DISCORD_TOKEN = "multi-discord-token-Zq8xW"
@@ -69,12 +69,7 @@ def test_discord_and_telegram_in_one_process(tmp_path, tiny_gpt2, model_cache):
 
             assert telegram_api.wait_for(lambda: platforms() == {"discord", "telegram"}, 60, "both in one memory")
         finally:
-            process.send_signal(signal.SIGTERM)
-            try:
-                status = process.wait(30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                status = process.wait(10)
+            status = terminate(process, 30)
     stderr = (tmp_path / "stderr.txt").read_text()
     assert status == 0, stderr
     assert DISCORD_TOKEN not in stderr and TELEGRAM_TOKEN not in stderr

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from fake_telegram import BOT_USERNAME, FakeTelegram, reply_target
+from processes import terminate
 
 TOKEN = "123456789:AAF-fake-test-token-Zq8xW"
 CHATFORGE = str(Path(sys.executable).parent / "chatforge")
@@ -138,14 +139,7 @@ class Bot:
 
     def terminate(self, grace: float = 15) -> int:
         """SIGTERM, then SIGKILL after `grace` seconds; the exit status."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                return self.process.wait(grace)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                return self.process.wait(10)
-        return self.process.returncode
+        return terminate(self.process, grace)
 
 
 def wait_until_polling(fake: FakeTelegram, bot: Bot) -> None:
