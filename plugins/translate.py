@@ -5,8 +5,11 @@
     translate to Spanish: good morning   ->  buenos días
 
 Languages are ISO 639-1 or 639-3 codes (`es`, `spa`) or English names
-(`Spanish`). Without a source language, the only installed pair that reaches
-the target is used, or else `langid` guesses among the pairs that do.
+(`Spanish`). Without a source language, `chatforge.language` detects it among
+all languages: a language no pair covers is named, with the pairs there are.
+When the guess is unsure (short texts), the likeliest pair into the target is
+tried, and a result that is mostly the input (words the pair does not know) is
+refused rather than shown as a translation.
 
 Backends: `apertium` (default; rule-based, runs the `apertium` program, whose
 language pairs are Debian packages such as `apertium-eng-spa`) and
@@ -17,7 +20,6 @@ the `model` template when the Hub or its cache has it).
 from __future__ import annotations
 
 import asyncio
-import copy
 import functools
 import os
 import re
@@ -28,6 +30,7 @@ from pydantic import PositiveFloat, PositiveInt, field_validator
 
 from chatforge import (CommandContext, Lazy, Message, PluginConfig, SkillError, Trigger, check_length,
                        hookimpl, match_trigger, require)
+from chatforge.language import Detection, rank_languages
 
 USAGE = "[SRC>]TGT TEXT"
 APERTIUM_INSTALL = "apt-get install apertium apertium-eng-spa"
@@ -55,7 +58,8 @@ def iso639_3(name_or_code: str) -> str | None:
 
 
 def language_name(code: str) -> str:
-    return require("iso639", "pip install iso639-lang").Lang(code).name
+    """'ell' -> 'Modern Greek' (ISO's '(1453-)' and '(macrolanguage)' notes left out)."""
+    return re.sub(r"\s*\(.*\)$", "", require("iso639", "pip install iso639-lang").Lang(code).name)
 
 
 def iso639_1(code: str) -> str:
@@ -152,10 +156,11 @@ class ApertiumBackend:
             raise missing_apertium() from None
         self.pairs = parse_apertium_modes(listing.stdout)
 
-    async def translate(self, text: str, mode: str, timeout: float) -> str:
+    async def translate(self, text: str, mode: str, timeout: float) -> tuple[str, list[str]]:
+        """The translation and the words the pair did not know (Apertium's `*` marks, removed)."""
         try:
             process = await asyncio.create_subprocess_exec(
-                "apertium", "-u", mode,
+                "apertium", mode,
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         except FileNotFoundError:
             raise missing_apertium() from None
@@ -169,7 +174,36 @@ class ApertiumBackend:
             problem = errors.decode(errors="replace").strip().splitlines()
             raise SkillError(f"Apertium failed on {mode}: {problem[0] if problem else 'no message'}")
         # Apertium keeps the blank of every word it moves or drops, leaving doubled spaces.
-        return re.sub(r"[ \t]{2,}", " ", output.decode(errors="replace")).strip()
+        return unmark(re.sub(r"[ \t]{2,}", " ", output.decode(errors="replace")).strip(), text)
+
+
+def unmark(marked: str, text: str) -> tuple[str, list[str]]:
+    """Apertium's output without the `*` it puts before each unknown word, and those words.
+
+    An unknown word is copied from the input, so a `*` before a word the input
+    lacks is the user's own (`*really*` -> `*realmente*`) and stays.
+    """
+    given = set(re.findall(r"\w+", text))
+    unknown: list[str] = []
+
+    def drop_mark(match: re.Match[str]) -> str:
+        if match.group(1) not in given:
+            return match.group(0)
+        unknown.append(match.group(1))
+        return match.group(1)
+
+    return re.sub(r"\*(\w+)", drop_mark, marked), unknown
+
+
+def words(text: str) -> list[str]:
+    """The words of `text`: runs of letters (numbers and punctuation are the same in every language)."""
+    return re.findall(r"[^\W\d_]+", text)
+
+
+def untranslated(text: str, translation: str, unknown: list[str]) -> bool:
+    """Whether `translation` is no translation of `text`: the same words, or more than half of them unknown."""
+    same = [word.casefold() for word in words(translation)] == [word.casefold() for word in words(text)]
+    return same or 2 * len(unknown) > len(words(translation))
 
 
 class ModelUnavailable(Exception):
@@ -216,40 +250,6 @@ def backend_for(kind: str, model: str = "") -> Lazy[Any]:
     return Lazy(ApertiumBackend)
 
 
-# ---------------------------------------------------------------- source detection
-
-def load_language_identifier() -> Any:
-    """langid's model as our own instance: `langid.set_languages` would restrict every user of the module."""
-    langid = require("langid.langid", "pip install langid")
-    return langid.LanguageIdentifier.from_modelstring(langid.model, norm_probs=True)
-
-
-LANGUAGE_IDENTIFIER: Lazy[Any] = Lazy(load_language_identifier)
-
-
-@functools.lru_cache(maxsize=32)
-def restricted_identifier(full: Any, languages: tuple[str, ...]) -> Any:
-    """A copy of `full` that only considers `languages` (set_languages changes the instance it is called on)."""
-    identifier = copy.deepcopy(full)
-    identifier.set_languages(list(languages))
-    return identifier
-
-
-async def detect_language(text: str, candidates: set[str] | None = None) -> str | None:
-    """The most likely ISO 639-3 language of `text` among `candidates` (None: any); None when langid knows none."""
-    full = await LANGUAGE_IDENTIFIER.get()
-    known = set(full.nb_classes)
-    if candidates is None:
-        label, _ = await asyncio.to_thread(full.classify, text)
-        return iso639_3(label)
-    by_langid_code = {iso639_1(code): code for code in candidates if iso639_1(code) in known}
-    if len(by_langid_code) <= 1:
-        return next(iter(by_langid_code.values()), None)
-    identifier = await asyncio.to_thread(restricted_identifier, full, tuple(sorted(by_langid_code)))
-    label, _ = await asyncio.to_thread(identifier.classify, text)
-    return by_langid_code[label]
-
-
 # ---------------------------------------------------------------- translating
 
 async def available_pairs(config: TranslateConfig) -> dict[Pair, str]:
@@ -276,20 +276,60 @@ def hub_model(pair: Pair, config: TranslateConfig) -> str | None:
     return config.model.format(src=iso639_1(pair[0]), tgt=iso639_1(pair[1])) if uses_hub_models(config) else None
 
 
+def listing(unknown: list[str], most: int = 5) -> str:
+    """'Guten, Morgen' or 'ist, ein, sehr, langer, deutscher and 7 more': the unknown words for a refusal, each once."""
+    distinct = list(dict.fromkeys(unknown))
+    more = f" and {len(distinct) - most} more" if len(distinct) > most else ""
+    return ", ".join(distinct[:most]) + more
+
+
+def perhaps(guesses: list[Detection]) -> str:
+    """' (perhaps German or Dutch)': langid's guesses of 10% or more, for a refusal; '' when there are none."""
+    names = [guess.name for guess in guesses[:3] if guess.confidence >= 0.1]
+    if not names:
+        return ""
+    return " (perhaps " + (", ".join(names[:-1]) + " or " if len(names) > 1 else "") + names[-1] + ")"
+
+
+async def choose_source(text: str, target: str, pairs: dict[Pair, str], config: TranslateConfig) -> tuple[str, str]:
+    """The source language for `text`, detected among all languages, and what to say if its translation fails.
+
+    A sure guess is the source (or a refusal: already the target, or no pair
+    for it). An unsure one, or none, falls back on the likeliest source that a
+    pair into `target` has: short texts that pair knows still translate, and
+    the others fail the `untranslated` check with the returned message.
+    """
+    sources = {pair[0] for pair in pairs if pair[1] == target} - {target}
+    if not sources and not uses_hub_models(config):
+        raise SkillError(f"I can't translate into {language_name(target)}. {pairs_list(pairs, config)}")
+    name_it = f"/translate SRC>{target} TEXT"
+    guesses = await asyncio.to_thread(rank_languages, text)
+    best = guesses[0] if guesses else None
+    if best is not None and best.sure:
+        if best.code == target:
+            raise SkillError(f"That already looks like {best.name}. If it is another language, name it: {name_it}.")
+        if best.code not in sources and not uses_hub_models(config):
+            raise SkillError(f"That looks like {best.name}, and I can't translate from {best.name} into "
+                             f"{language_name(target)}. {pairs_list(pairs, config)}")
+        return best.code, ""
+    cannot_tell = f"I can't tell which language that is{perhaps(guesses)}; name it: {name_it}. {pairs_list(pairs, config)}"
+    rank = {guess.code: index for index, guess in enumerate(guesses)}
+    likeliest = min(sources, key=lambda code: (rank.get(code, len(rank)), code), default=None)
+    if likeliest is None:
+        raise SkillError(cannot_tell)
+    return likeliest, cannot_tell
+
+
 async def translate(text: str, target: str, source: str | None, config: TranslateConfig) -> str:
-    """`text` in `target` (ISO 639-3); the source language is guessed when not given."""
+    """`text` in `target` (ISO 639-3); the source language is detected when not given.
+
+    Never the input passed off as a translation: a result that is mostly the
+    input (`untranslated`) is a refusal that says why.
+    """
     pairs = await available_pairs(config)
+    failure = ""
     if source is None:
-        candidates = {pair[0] for pair in pairs if pair[1] == target}
-        if len(candidates) == 1:
-            source = candidates.pop()
-        elif candidates or uses_hub_models(config):
-            source = await detect_language(text, candidates or None)
-            if source is None:
-                raise SkillError(f"I can't tell which language that is; name it: /translate SRC>{target} TEXT. "
-                                 f"{pairs_list(pairs, config)}")
-        else:
-            raise SkillError(f"I can't translate into {language_name(target)}. {pairs_list(pairs, config)}")
+        source, failure = await choose_source(text, target, pairs, config)
 
     translator = pairs.get((source, target)) or hub_model((source, target), config)
     if translator is None or source == target:
@@ -303,9 +343,16 @@ async def translate(text: str, target: str, source: str | None, config: Translat
             raise SkillError(f"The translation model {translator!r} for {show_pair((source, target))} cannot be "
                              f"loaded ({exc}). Set plugins.translate.models to a local folder, e.g. {example}. "
                              f"{pairs_list(pairs, config)}") from None
-        return await asyncio.to_thread(backend.translate, text, config.max_new_tokens)
-    backend = await backend_for("apertium").get()
-    return await backend.translate(text, translator, config.timeout)
+        translation, unknown = await asyncio.to_thread(backend.translate, text, config.max_new_tokens), []
+    else:
+        backend = await backend_for("apertium").get()
+        translation, unknown = await backend.translate(text, translator, config.timeout)
+    if untranslated(text, translation, unknown):
+        why = f"{listing(unknown)} {'is' if len(set(unknown)) == 1 else 'are'} not in my dictionary" if unknown \
+            else "it comes out unchanged"
+        raise SkillError(failure or f"I couldn't translate that from {language_name(source)} into "
+                                    f"{language_name(target)}: {why}. {pairs_list(pairs, config)}")
+    return translation
 
 
 async def cannot_translate(direction: str, word: str, config: TranslateConfig) -> SkillError:

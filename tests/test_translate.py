@@ -88,16 +88,6 @@ def test_bad_pair_names_in_models_are_config_errors():
         make_bot({"plugins": {"translate": {"models": {"english-xx": "/somewhere"}}}})
 
 
-def test_source_detection_is_restricted_to_the_candidates_and_leaves_langid_alone():
-    import langid
-
-    assert run(translate.detect_language("Hola, ¿cómo estás? Muy bien, gracias.", {"eng", "spa"})) == "spa"
-    assert run(translate.detect_language("Hola, ¿cómo estás? Muy bien, gracias.", {"eng", "fra"})) in {"eng", "fra"}
-    assert run(translate.detect_language(FRENCH, {"fra", "spa", "eng"})) == "fra"
-    assert run(translate.detect_language("anything", {"eng"})) == "eng"
-    assert langid.classify("Guten Morgen, wie geht es dir heute?")[0] == "de"  # the module-global model is untouched
-
-
 # ---------------------------------------------------------------- apertium
 
 @needs_apertium
@@ -146,6 +136,71 @@ def test_the_natural_language_triggers():
 def test_a_trigger_without_a_language_uses_the_default_target():
     config = {"triggers": [r"auf englisch:\s*(?P<text>.+)"], "default_target": "en"}
     assert "Hello" in ask("auf englisch: Hola", config)
+
+
+@needs_apertium
+def test_a_detected_language_without_a_pair_is_named_with_the_pairs():
+    """Issue 11: the source was guessed among the installed pairs only, so this came back unchanged."""
+    assert ask("/translate en 人工智能的未来发展趋势与挑战") == (
+        "That looks like Chinese, and I can't translate from Chinese into English. "
+        "Available pairs: eng→spa, spa→eng.")
+    assert ask("/translate en 你好") == (
+        "That looks like Chinese, and I can't translate from Chinese into English. "
+        "Available pairs: eng→spa, spa→eng.")
+
+
+@needs_apertium
+def test_an_unsure_guess_that_no_pair_covers_is_not_translated():
+    """langid is unsure of two words; the only pair into English (spa→eng) knows none of them."""
+    assert ask("/translate en Guten Morgen") == (
+        "I can't tell which language that is (perhaps German or Dutch); name it: /translate SRC>eng TEXT. "
+        "Available pairs: eng→spa, spa→eng.")
+
+
+@needs_apertium
+def test_french_is_not_returned_as_its_own_translation():
+    """langid prefers English (79%) for this French: unsure, and Spanish→English knows none of its words."""
+    reply = ask("/translate en Bonjour, comment allez-vous?")
+    assert reply == ("I can't tell which language that is (perhaps English or French); name it: "
+                     "/translate SRC>eng TEXT. Available pairs: eng→spa, spa→eng.")
+    assert ask("/translate es Bonjour, comment allez-vous?").startswith("I can't tell which language that is")
+
+
+@needs_apertium
+def test_a_text_already_in_the_target_language_is_refused():
+    assert ask("/translate en Hello, how are you?") == (
+        "That already looks like English. If it is another language, name it: /translate SRC>eng TEXT.")
+
+
+@needs_apertium
+def test_short_texts_langid_cannot_place_still_translate_when_the_pair_knows_them():
+    assert ask("/translate en Hola") == "Hello"
+    assert ask("/translate es Hello") == "Hola"
+    assert "Hello" in ask("/translate en Hola mundo")
+
+
+@needs_apertium
+def test_a_named_source_whose_words_apertium_does_not_know_is_refused():
+    assert ask("/translate spa>eng Guten Morgen") == (
+        "I couldn't translate that from Spanish into English: Guten, Morgen are not in my dictionary. "
+        "Available pairs: eng→spa, spa→eng.")
+    assert ask("/translate spa>eng Das ist ein sehr langer deutscher Satz mit vielen Wörtern, die keiner kennt.").startswith(
+        "I couldn't translate that from Spanish into English: ist, ein, sehr, langer, deutscher and 7 more are not in")
+
+
+@needs_apertium
+def test_apertium_unknown_word_marks_are_removed_and_the_users_asterisks_kept():
+    assert ask("/translate es Hello my friend Zorblax") == "Hola Mi amigo Zorblax"
+    assert ask("/translate es I *really* like the cat") == "Yo *realmente* como el gato"
+
+
+@needs_apertium
+def test_the_natural_language_triggers_refuse_the_same_way():
+    assert ask("translate to English: Guten Morgen").startswith("I can't tell which language that is (perhaps German")
+    assert ask("translate to English: 你好").startswith("That looks like Chinese, and I can't translate from Chinese")
+    assert ask("how do you say 'Hello, how are you?' in English?").startswith("That already looks like English.")
+    assert ask("translate from Spanish to English: Guten Morgen").startswith(
+        "I couldn't translate that from Spanish into English: Guten, Morgen are not in my dictionary.")
 
 
 @needs_apertium
@@ -256,6 +311,14 @@ def test_transformers_detects_the_source_among_the_models_for_the_target(tiny_ma
 
     run(talk())
     assert loads == [str(tiny_marian), str(from_french)]
+
+
+def test_a_transformers_output_equal_to_the_input_is_not_a_translation():
+    assert translate.untranslated("Guten Morgen", "guten  morgen", unknown=[])
+    assert translate.untranslated("Bonjour, comment allez-vous?", "Bonjour, comentario allez-vous?",
+                                  unknown=["Bonjour", "allez", "vous"])  # most words unknown
+    assert not translate.untranslated("Hello my friend Zorblax", "Hola Mi amigo Zorblax", unknown=["Zorblax"])
+    assert not translate.untranslated("Hello", "Hola", unknown=[])
 
 
 def test_a_missing_python_package_names_the_pip_install(tiny_marian, monkeypatch):

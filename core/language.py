@@ -1,0 +1,75 @@
+"""Which language a text is in, over every language the detector knows: one helper for all skills and plugins.
+
+    from chatforge.language import detect_language
+
+    guess = detect_language("Wie geht es dir heute?")   # Detection(code='deu', name='German', confidence=1.0)
+    if guess is None or not guess.sure:
+        ...  # say so; don't act on a guess
+
+Why over all languages: a skill that guesses only among the languages it
+supports always "finds" one of them, so a German text sent to a Spanish→English
+translator came back as its own translation. Detect first, then decide.
+
+The detector is langid (offline, 97 languages, its model ships in the package),
+as our own instance with normalised probabilities. Its weakness is short text:
+a sentence gets a confidence near 1, two words often well below `SURE`, and a
+text with no n-gram it knows ("Hello", "Merci", "12345") only its prior, which
+is no detection at all (None). Callers should treat an unsure guess as unsure.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from .skill import require
+
+SURE = 0.9
+"""The confidence from which a guess is taken as the language; langid gives a sentence ~1.0, 'Guten Morgen' 0.55."""
+
+
+@dataclass(frozen=True)
+class Detection:
+    code: str
+    """ISO 639-3, e.g. 'deu' (macrolanguages where langid has them: 'zho', 'msa')."""
+    name: str
+    """English name, e.g. 'German'."""
+    confidence: float
+    """0..1, langid's normalised probability; the confidences of all languages add up to 1."""
+
+    @property
+    def sure(self) -> bool:
+        return self.confidence >= SURE
+
+
+@functools.cache
+def _identifier() -> Any:
+    """langid's model as our own instance (about 1.5 s, once): the module-level one is langid's users' to configure."""
+    langid = require("langid.langid", "pip install langid")
+    return langid.LanguageIdentifier.from_modelstring(langid.model, norm_probs=True)
+
+
+@functools.cache
+def _language(langid_code: str) -> tuple[str, str]:
+    """langid's code (mostly ISO 639-1) -> (ISO 639-3 code, English name without ISO's '(macrolanguage)' notes)."""
+    language = require("iso639", "pip install iso639-lang").Lang(langid_code)
+    return language.pt3, re.sub(r"\s*\(.*\)$", "", language.name)
+
+
+def rank_languages(text: str) -> list[Detection]:
+    """Every language, most likely first; [] when the text has nothing langid can go on."""
+    identifier = _identifier()
+    if not identifier.instance2fv(text).any():
+        return []  # langid would answer its prior (English, 17%) for any such text
+    return [Detection(*_language(label), float(confidence)) for label, confidence in identifier.rank(text)]
+
+
+def detect_language(text: str) -> Detection | None:
+    """The most likely language of `text`, sure or not (see `Detection.sure`); None when there is nothing to go on.
+
+    The first call loads the model (about 1.5 s); from async code call it with `asyncio.to_thread`.
+    """
+    ranking = rank_languages(text)
+    return ranking[0] if ranking else None
