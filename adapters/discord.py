@@ -39,14 +39,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from typing import Any, Optional, Union
+from typing import Annotated, Any, Optional, Union
 
 import aiohttp
 import discord
 import yarl
 from discord import app_commands
 from discord.webhook.async_ import AsyncWebhookAdapter, async_context
-from pydantic import field_validator
+from pydantic import BeforeValidator, Field, field_validator
 
 from chatforge.adapter import Adapter, AdapterError, PlatformConfig
 from chatforge.delivery import RetryAfter, StreamingReply, keep_typing, split_message
@@ -67,8 +67,17 @@ DEFAULT_GATEWAY = str(discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY)
 KEYWORDS = ("dm", "mention", "all")
 
 
+def _respond_target(value: Any) -> str:
+    """One `respond_to` entry: a keyword, or a channel id (which YAML may read as a number)."""
+    text = str(value).strip().lower() if isinstance(value, (str, int)) and not isinstance(value, bool) else ""
+    if text not in KEYWORDS and not (text.isdigit() and 15 <= len(text) <= 21):
+        raise ValueError('"dm", "mention", "all" or a channel id (a long number)')
+    return text
+
+
 class DiscordConfig(PlatformConfig):
-    respond_to: list[str] = ["dm", "mention"]
+    respond_to: Annotated[list[Annotated[str, BeforeValidator(_respond_target)]], Field(min_length=1)] = \
+        ["dm", "mention"]
     """Where free text is answered: "dm", "mention", "all", and/or channel ids (which answer everything there)."""
     api_base: str = DEFAULT_API_BASE
     """Discord's REST API; change only for a proxy or a test server."""
@@ -81,19 +90,8 @@ class DiscordConfig(PlatformConfig):
 
     @field_validator("respond_to", mode="before")
     @classmethod
-    def _respond_to(cls, value: Any) -> list[str]:
-        items = value if isinstance(value, (list, tuple)) else [value]
-        result = []
-        for item in items:
-            if isinstance(item, bool) or not isinstance(item, (str, int)):
-                raise ValueError(f'"dm", "mention", "all" or channel ids, not {item!r}')
-            text = str(item).strip().lower()
-            if text not in KEYWORDS and not (text.isdigit() and 15 <= len(text) <= 21):
-                raise ValueError(f'"dm", "mention", "all" or channel ids (long numbers), not {item!r}')
-            result.append(text)
-        if not result:
-            raise ValueError('at least one of "dm", "mention", "all" or a channel id')
-        return result
+    def _one_or_a_list(cls, value: Any) -> Any:
+        return value if isinstance(value, (list, tuple)) else [value]
 
     @field_validator("api_base")
     @classmethod

@@ -10,6 +10,7 @@ through `validate_section`, so their errors read the same way.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import json
 import os
@@ -44,12 +45,17 @@ class ConfigIssue:
 
 
 class ConfigError(Exception):
-    """A config file that cannot be used; `str()` lists every issue, one a line."""
+    """A config file that cannot be used; `str()` lists every issue, one a line, in the order of the file.
 
-    def __init__(self, issues: list[ConfigIssue], filename: str = "") -> None:
-        self.issues = issues
+    `settings`, when load_settings raised it, is the config with every wrong value left at its default: not
+    for running, only so that `config check` can go on to check the plugins' and adapters' sections.
+    """
+
+    def __init__(self, issues: list[ConfigIssue], filename: str = "", settings: Settings | None = None) -> None:
+        self.issues = sorted(issues, key=lambda issue: (issue.line is None, issue.line or 0))
         self.filename = filename
-        super().__init__("\n".join(issue.format(filename) for issue in issues))
+        self.settings = settings
+        super().__init__("\n".join(issue.format(filename) for issue in self.issues))
 
 
 # ---------------------------------------------------------------- field types
@@ -238,6 +244,8 @@ class Settings(StrictModel):
     source: Optional[Path] = Field(default=None, exclude=True)
     raw: dict[str, Any] = Field(default_factory=dict, exclude=True, repr=False)
     lines: dict[str, int] = Field(default_factory=dict, exclude=True, repr=False)
+    env_references: dict[str, list[str]] = Field(default_factory=dict, exclude=True, repr=False)
+    """YAML path -> the environment variables its value was made from, to name them in errors."""
 
     def resolve_path(self, value: str) -> Path:
         """A path from the config: `~` expanded, relative ones taken from the config's folder."""
@@ -260,14 +268,17 @@ _INTERNAL_KEYS = frozenset(name for name, info in Settings.model_fields.items() 
 _ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
-def _substitute_env(node: Any, path: str, issues: list[ConfigIssue]) -> Any:
-    """Replace `${VAR}` / `${VAR:-default}` in every string value, recursively."""
+def _substitute_env(node: Any, path: str, issues: list[ConfigIssue], references: dict[str, list[str]]) -> Any:
+    """Replace `${VAR}` / `${VAR:-default}` in every string value, recursively; note which VARs each used."""
     if isinstance(node, dict):
-        return {key: _substitute_env(value, _join(path, key), issues) for key, value in node.items()}
+        return {key: _substitute_env(value, _join(path, key), issues, references) for key, value in node.items()}
     if isinstance(node, list):
-        return [_substitute_env(value, _join(path, i), issues) for i, value in enumerate(node)]
+        return [_substitute_env(value, _join(path, i), issues, references) for i, value in enumerate(node)]
     if not isinstance(node, str):
         return node
+    names = [match.group(1) for match in _ENV_REFERENCE.finditer(node)]
+    if names:
+        references[path] = names
 
     def lookup(match: re.Match[str]) -> str:
         name, default = match.group(1), match.group(2)
@@ -317,27 +328,56 @@ def _describe(value: Any) -> str:
         return repr(value)
 
 
+# pydantic's error types whose own message is not plain words, and what to say instead ({...}: the
+# error's context). Types not listed keep pydantic's message, "Input should be" turned into "must be".
+_PLAIN_MESSAGES = {
+    "missing": "is required",
+    "string_too_short": "must be at least {min_length} characters long",
+    "string_too_long": "must be at most {max_length} characters long",
+    "too_short": "must have at least {min_length} items",
+    "too_long": "must have at most {max_length} items",
+    "bool_parsing": "must be true or false",
+    "bool_type": "must be true or false",
+    "int_from_float": "must be a valid integer",
+    "model_type": "must be a mapping of keys to values",
+    "model_attributes_type": "must be a mapping of keys to values",
+    "dict_type": "must be a mapping of keys to values",
+}
+_EMPTY = "must not be empty"
+"""For a length of at least 1: the value is shown by saying so."""
+
+
 def issues_from_validation(
     error: ValidationError, prefix: str, data: Any, model: type[BaseModel]
 ) -> list[ConfigIssue]:
-    """Turn pydantic's errors into ConfigIssues with plain-language messages."""
+    """Turn pydantic's errors into ConfigIssues in plain words, each with the wrong value (unless secret)."""
     issues = []
     for item in error.errors():
         loc = [str(part) for part in item["loc"]]
         path = ".".join([prefix, *loc] if prefix else loc)
-        kind = item["type"]
+        kind, context = item["type"], item.get("ctx") or {}
         if kind == "extra_forbidden":
-            message = "unknown key" + _suggestion(loc, model)
-        elif kind == "missing":
-            message = "is required"
+            issues.append(ConfigIssue(path, "unknown key" + _suggestion(loc, model)))
+            continue
+        if kind in ("string_too_short", "too_short") and context.get("min_length") == 1:
+            message = _EMPTY
+        elif kind in _PLAIN_MESSAGES:
+            message = _PLAIN_MESSAGES[kind].format(**context)
+        elif kind in ("value_error", "assertion_error") and "error" in context:
+            message = str(context["error"])  # a validator's own words
+            message = message if message.startswith("must ") else f"must be {message}"
         else:
-            message = item["msg"]
-            message = re.sub(r"^(Input should be|Value should be|Value error,) ?", "must be ", message)
-            message = message.replace("must be must be", "must be")
-            if "input" in item and kind not in ("model_type", "dict_type") and not _is_secret(loc, model):
-                message += f", got {_describe(item['input'])}"
+            message = re.sub(r"^(Input should be|Value should be) ?", "must be ", item["msg"])
+        if "input" in item and kind != "missing" and message != _EMPTY and not _is_secret(loc, model) \
+                and not _shows(message, item["input"]):
+            message += f", got {_describe(item['input'])}"
         issues.append(ConfigIssue(path, message))
     return issues
+
+
+def _shows(message: str, value: Any) -> bool:
+    """Whether a validator's message already quotes the text (then it is not repeated)."""
+    return isinstance(value, str) and any(form in message for form in (repr(value), _describe(value)))
 
 
 def _is_secret(loc: list[str], model: type[BaseModel]) -> bool:
@@ -413,7 +453,8 @@ def load_settings_from_dict(
     filename = str(path) if path else "<defaults>"
     lines = lines or {}
     issues: list[ConfigIssue] = []
-    data = _substitute_env(data, "", issues)
+    references: dict[str, list[str]] = {}
+    data = _substitute_env(data, "", issues, references)
     for key in [key for key in data if key in _INTERNAL_KEYS]:
         issues.append(ConfigIssue(key, "unknown key" + _suggestion([key], Settings)))
     data = {key: value for key, value in data.items() if key not in _INTERNAL_KEYS}
@@ -422,13 +463,47 @@ def load_settings_from_dict(
         settings = Settings.model_validate(data)
     except ValidationError as exc:
         issues.extend(issues_from_validation(exc, "", data, Settings))
+        settings = _with_defaults_for_errors(data, exc)
+    if settings is not None:
+        settings.source = path.resolve() if path else None
+        settings.raw = data
+        settings.lines = lines
+        settings.env_references = references
     if issues:
-        raise ConfigError(locate(issues, lines), filename)
+        raise ConfigError(locate(issues, lines), filename, settings=settings)
     assert settings is not None
-    settings.source = path.resolve() if path else None
-    settings.raw = data
-    settings.lines = lines
     return settings
+
+
+def _with_defaults_for_errors(data: dict[str, Any], error: ValidationError) -> Settings | None:
+    """Settings from `data` with every value pydantic rejected removed (so its default applies), or None.
+
+    A removal can reveal another error (a value checked against one now at its default), so this repeats;
+    each round removes at least one key, so it ends.
+    """
+    data = copy.deepcopy(data)
+    while True:
+        for item in error.errors():
+            if not _remove(data, item["loc"]):
+                return None
+        try:
+            return Settings.model_validate(data)
+        except ValidationError as again:
+            error = again
+
+
+def _remove(data: dict[str, Any], loc: tuple[Any, ...]) -> bool:
+    """Delete the deepest mapping key along `loc` (a list item takes its whole list); False if none is there."""
+    node: Any = data
+    parent, key = None, None
+    for part in loc:
+        if not isinstance(node, dict) or part not in node:
+            break
+        parent, key, node = node, part, node[part]
+    if parent is None:
+        return False
+    del parent[key]
+    return True
 
 
 def locate(issues: list[ConfigIssue], lines: dict[str, int]) -> list[ConfigIssue]:

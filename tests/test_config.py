@@ -200,7 +200,7 @@ def test_unknown_key_without_close_match_lists_known_keys(tmp_path):
         assert key in issue.message
 
 
-@pytest.mark.parametrize("key", ["source", "raw", "lines"])
+@pytest.mark.parametrize("key", ["source", "raw", "lines", "env_references"])
 def test_loader_internal_fields_cannot_be_set_from_yaml(tmp_path, key):
     issue = only_issue(load_error(tmp_path, f"{key}: {{}}\n"))
     assert issue.path == key
@@ -223,6 +223,7 @@ def test_known_keys_do_not_list_loader_internal_fields(tmp_path):
         ("generator:\n  top_p: 0\n", "generator.top_p", "must be greater than 0, got 0"),
         ("generator:\n  top_k: -1\n", "generator.top_k", "must be greater than or equal to 0, got -1"),
         ("generator:\n  stop: END\n", "generator.stop", 'must be a valid list, got "END"'),
+        ("bot:\n  command_prefix: ''\n", "bot.command_prefix", "must not be empty"),
         ("generator:\n  seed: abc\n", "generator.seed", "got \"abc\""),
         ("generator:\n  fallback: maybe\n", "generator.fallback", 'got "maybe"'),
         ("logging:\n  level: verbose\n", "logging.level", 'got "verbose"'),
@@ -241,7 +242,7 @@ def test_wrong_values_name_path_and_value(tmp_path, text, path, message):
 def test_section_that_is_not_a_mapping(tmp_path, section):
     issue = only_issue(load_error(tmp_path, f"{section}: 5\n"))
     assert issue.path == section
-    assert issue.message.startswith("must be a valid dictionary")
+    assert issue.message == "must be a mapping of keys to values, got 5"
     assert issue.line == 1
 
 
@@ -649,3 +650,114 @@ def test_shipped_config_loads_with_env_unset(monkeypatch):
     assert settings.generator == Settings().generator
     assert settings.bot == Settings().bot
     assert settings.logging == Settings().logging
+
+
+# ------------------------------------------------------------------ plain words
+
+@pytest.mark.parametrize("text, message", [
+    ("bot:\n  command_prefix: ''\n", "must not be empty"),
+    ("bot:\n  command_prefix: '!!!!'\n", 'must be at most 3 characters long, got "!!!!"'),
+    ("generator:\n  fallback: maybe\n", 'must be true or false, got "maybe"'),
+    ("generator:\n  top_k: 1.5\n", "must be a valid integer, got 1.5"),
+    ("generator: [1, 2]\n", "must be a mapping of keys to values, got [1, 2]"),
+    ("plugins:\n  core:\n    enabled: maybe\n", 'must be true or false, got "maybe"'),
+])
+def test_pydantic_messages_are_put_in_plain_words(tmp_path, text, message):
+    issue = only_issue(load_error(tmp_path, text))
+    assert issue.message == message
+    assert not re.search(r"Input should|String should|unable to|instance of|fractional", issue.message)
+
+
+def test_plain_words_cover_plugin_schemas_too(tmp_path):
+    class Schema(StrictModel):
+        name: str = Field("xy", min_length=2)
+        tags: list[str] = Field(["a"], min_length=1, max_length=2)
+
+    settings = load_settings(write(tmp_path, "plugins:\n  p:\n    name: a\n    tags: []\n"))
+    _, issues = validate_section(Schema, settings.plugins["p"].model_extra, "plugins.p", settings)
+    assert [(i.path, i.message) for i in issues] == [
+        ("plugins.p.name", 'must be at least 2 characters long, got "a"'),
+        ("plugins.p.tags", "must not be empty"),
+    ]
+    _, issues = validate_section(Schema, {"tags": ["a", "b", "c"]}, "plugins.p", settings)
+    assert [i.message for i in issues] == ['must have at most 2 items, got ["a", "b", "c"]']
+
+
+def test_a_validator_message_that_shows_the_value_does_not_get_it_twice(tmp_path):
+    from pydantic import field_validator
+
+    class Schema(StrictModel):
+        colour: str = "red"
+
+        @field_validator("colour")
+        @classmethod
+        def _known(cls, value: str) -> str:
+            raise ValueError(f"a colour name, not {value!r}")
+
+    settings = load_settings(None)
+    _, [issue] = validate_section(Schema, {"colour": "everyone"}, "plugins.p", settings)
+    assert issue.message == "must be a colour name, not 'everyone'"
+
+
+def test_discord_respond_to_names_the_wrong_item_once(tmp_path):
+    from chatforge.adapters.discord import DiscordConfig
+
+    settings = load_settings(write(tmp_path, "adapters:\n  discord:\n    respond_to: [dm, everyone]\n"))
+    _, [issue] = validate_section(DiscordConfig, settings.adapters["discord"].model_extra, "adapters.discord",
+                                  settings)
+    assert issue.format("c.yaml") == ('c.yaml:3: adapters.discord.respond_to.1: must be "dm", "mention", "all" '
+                                      'or a channel id (a long number), got "everyone"')
+    assert DiscordConfig(respond_to="DM").respond_to == ["dm"]  # one value needs no list
+    _, [issue] = validate_section(DiscordConfig, {"respond_to": []}, "adapters.discord", settings)
+    assert issue.message == "must not be empty"
+
+
+# ------------------------------------------------------------------ one pass
+
+def test_issues_are_sorted_by_line_unlocated_ones_last():
+    error = ConfigError([ConfigIssue("c", "three", 9), ConfigIssue("", "top"), ConfigIssue("b", "two", 2),
+                         ConfigIssue("a", "one", 2)], "f.yaml")
+    assert [issue.path for issue in error.issues] == ["b", "a", "c", ""]
+    assert str(error).splitlines()[0] == "f.yaml:2: b: two"
+
+
+def test_a_config_error_keeps_the_settings_it_could_build_for_checking_the_rest(tmp_path):
+    error = load_error(tmp_path, """\
+generator:
+  model: tiny
+  max_new_tokens: lots
+  dtype: float16
+memory:
+  scpoe: chat
+  max_turns: 4
+bot: 7
+plugins:
+  core:
+    enabled: maybe
+  sentiment:
+    mode: loud
+adapters:
+  discord:
+    enabled: true
+    respond_to: [everyone]
+""")
+    assert {issue.path for issue in error.issues} == {
+        "generator.max_new_tokens", "generator.dtype", "memory.scpoe", "bot", "plugins.core.enabled"}
+    settings = error.settings
+    assert settings is not None and settings.filename == str((tmp_path / "config.yaml").resolve())
+    # What was wrong is left at its default; everything else is kept, so the plugins can be checked.
+    assert settings.generator.model == "tiny" and settings.generator.max_new_tokens == 96
+    assert settings.generator.dtype == "float32" and settings.memory.max_turns == 4
+    assert settings.bot == Settings().bot and settings.plugins["core"].enabled is True
+    assert settings.plugins["sentiment"].model_extra == {"mode": "loud"}
+    assert settings.adapters["discord"].enabled is True
+    assert settings.lines["adapters.discord.respond_to"] == 17
+
+
+def test_settings_remember_which_environment_variables_a_value_came_from(tmp_path, monkeypatch):
+    monkeypatch.delenv("CF_TEST_TOKEN", raising=False)
+    monkeypatch.setenv("CF_TEST_HOST", "h")
+    settings = load_settings(write(tmp_path, "adapters:\n  telegram:\n    token: ${CF_TEST_TOKEN:-}\n"
+                                             "    base_url: http://${CF_TEST_HOST}:${CF_TEST_PORT:-80}/bot\n"))
+    assert settings.env_references["adapters.telegram.token"] == ["CF_TEST_TOKEN"]
+    assert settings.env_references["adapters.telegram.base_url"] == ["CF_TEST_HOST", "CF_TEST_PORT"]

@@ -275,8 +275,8 @@ def test_config_check_names_a_bad_respond_to(tmp_path, cli):
     """))
     result = cli("config", "check", cwd=tmp_path)
     assert result.returncode == 2
-    assert "config.yaml:7: adapters.discord.respond_to: must be \"dm\", \"mention\", \"all\" or channel ids" \
-        in result.stderr
+    assert ('config.yaml:7: adapters.discord.respond_to.1: must be "dm", "mention", "all" or a channel id '
+            '(a long number), got "everyone"\n') in result.stderr
     assert "config.yaml:8: adapters.discord.gateway_url: must be a ws(s):// URL" in result.stderr
 
 
