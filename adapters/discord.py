@@ -202,6 +202,7 @@ class _Client(discord.Client):
 class DiscordAdapter(Adapter):
     name = "discord"
     Config = DiscordConfig
+    token_env = "DISCORD_TOKEN"
 
     def __init__(self, engine, config: DiscordConfig | None) -> None:
         super().__init__(engine, config or DiscordConfig())

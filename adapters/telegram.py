@@ -110,6 +110,7 @@ def _seconds(error: RetryAfter) -> float:
 class TelegramAdapter(Adapter):
     name = "telegram"
     Config = TelegramConfig
+    token_env = "TELEGRAM_BOT_TOKEN"
 
     def __init__(self, engine, config: TelegramConfig | None) -> None:
         super().__init__(engine, config or TelegramConfig())

@@ -13,6 +13,7 @@ side; on SIGINT or SIGTERM it calls `stop()`, waits (bounded by
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any, ClassVar, Coroutine
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
@@ -44,6 +45,10 @@ class PlatformConfig(BaseModel):
 class Adapter:
     name: ClassVar[str]
     Config: ClassVar[type[BaseModel] | None] = None
+    token_env: ClassVar[str | None] = None
+    """The environment variable the docs keep this adapter's token in (DISCORD_TOKEN...). Setting it says
+    the adapter cannot start without `adapters.<name>.token`: `chatforge run` and `config check` then
+    report a missing one before anything slow, naming this variable."""
 
     def __init__(self, engine: Engine, config: Any) -> None:
         self.engine = engine
@@ -73,6 +78,23 @@ class Adapter:
         """The token's value, or an AdapterError naming the config key (never the value)."""
         token = self.config.token.get_secret_value().strip()
         if not token:
-            raise AdapterError(f"adapters.{self.name}.token: no token is set; put it in the environment "
-                               f"and reference it, e.g. token: ${{{self.name.upper()}_TOKEN}}")
+            raise AdapterError(f"adapters.{self.name}.token: no token is set; {self.token_hint()}")
         return token
+
+    @classmethod
+    def token_hint(cls) -> str:
+        """Where a missing token should go, in the words of the docs."""
+        variable = cls.token_env or f"{cls.name.upper()}_TOKEN"
+        return f"put it in the environment as {variable} and write token: ${{{variable}}}"
+
+    def announce(self, account: str) -> None:
+        """Log, once the platform has accepted the bot, the one line saying so: "discord: connected as NAME".
+
+        It is news, not a warning, so it is an INFO record; but an operator (and a supervisor's log) should
+        see that each adapter came up, so it is shown at the default level, WARNING, too. Only
+        `logging.level: ERROR` hides it.
+        """
+        log = logging.getLogger("chatforge")
+        if log.isEnabledFor(logging.WARNING):
+            log.handle(log.makeRecord(log.name, logging.INFO, __file__, 0, "%s: connected as %s",
+                                      (self.name, account), None))

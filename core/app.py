@@ -9,29 +9,26 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .adapter import Adapter, AdapterError
-from .config import ConfigError, ConfigIssue, GeneratorConfig, Settings, locate
+from .config import ConfigError, ConfigIssue, GeneratorConfig, Settings, UsageError, locate
 from .engine import Engine
 from .generator import TextGenerator, TransformersGenerator
 from .memory import InMemoryMemory, MemoryStore, SQLiteMemory
 from .model_loading import load_model
 from .plugin_manager import PluginHost
 from .prompt import trim_step
-from . import redaction
 
 log = logging.getLogger("chatforge")
 
 
 def load_plugins(settings: Settings, strict: bool = False) -> PluginHost:
-    """Load and configure every plugin; raise ConfigError when a plugin's section is wrong.
+    """Load and configure every plugin; raise ConfigError when a plugin's or an adapter's section is wrong.
 
-    Every secret in the plugins' and adapters' config (SecretStr values) is
-    registered with the log redactor before anything can log it.
+    Loading registers every secret of their config with the log redactor (see PluginHost.load).
     """
     host = PluginHost(settings, strict=strict)
     issues = host.load()
     if issues:
         raise ConfigError(issues, settings.filename)
-    redaction.REDACTOR.add(redaction.secrets_in(host.adapter_configs) + redaction.secrets_in(host.configs))
     return host
 
 
@@ -99,17 +96,47 @@ def create_engine(
 
 
 def choose_adapters(settings: Settings, host: PluginHost, names: Iterable[str] | None) -> list[str]:
-    """The adapters to start: those named, or else every one enabled in config."""
+    """The adapters to start: those named on the command line, or else every one enabled in config.
+
+    An unknown name is a UsageError: it can only come from the command line, since an unknown
+    `adapters.<name>` section is already a config issue of PluginHost.load.
+    """
     chosen = list(names or [name for name, section in settings.adapters.items() if section.enabled])
     unknown = [name for name in chosen if name not in host.adapters]
     if unknown:
         known = ", ".join(sorted(host.adapters)) or "none"
-        raise ConfigError([ConfigIssue(f"adapters.{name}", f'no adapter named "{name}" (available: {known})')
-                           for name in unknown], settings.filename)
+        raise UsageError("\n".join(f'--adapter {name}: no adapter named "{name}" (available: {known})'
+                                   for name in unknown))
     if not chosen:
         raise ConfigError([ConfigIssue("adapters", "no adapter is enabled; set adapters.<name>.enabled: true "
                                        "or pass --adapter NAME")], settings.filename)
     return chosen
+
+
+def check_tokens(settings: Settings, host: PluginHost, names: Iterable[str]) -> None:
+    """Raise one ConfigError naming every adapter in `names` that needs a token (`token_env`) and has none.
+
+    Called before the model loads: a missing token should cost a second, not a model load, and all of
+    them are listed at once. The message names the variable the token was to come from, if any.
+    """
+    issues = []
+    for name in names:
+        adapter = host.adapters.get(name)
+        if adapter is None or getattr(adapter, "token_env", None) is None:
+            continue
+        section = settings.adapters.get(name)
+        token = (section.model_extra or {}).get("token") if section is not None else None
+        if token is not None and (not isinstance(token, str) or token.strip()):
+            continue  # present (a value of the wrong type is the section's own issue)
+        path = f"adapters.{name}.token"
+        variables = settings.env_references.get(path)
+        if variables:
+            which = f"variable {variables[0]} is" if len(variables) == 1 else f"variables {', '.join(variables)} are"
+            issues.append(ConfigIssue(path, f"no token is set: the environment {which} empty or not set"))
+        else:
+            issues.append(ConfigIssue(path, f"no token is set; {adapter.token_hint()}"))
+    if issues:
+        raise ConfigError(locate(issues, settings.lines), settings.filename)
 
 
 async def serve(engine: Engine, adapter_names: list[str]) -> None:

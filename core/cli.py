@@ -12,7 +12,7 @@ from typing import Sequence
 
 from . import __version__
 from .adapter import AdapterError
-from .config import ConfigError, Settings, find_config_file, load_settings
+from .config import ConfigError, ConfigIssue, Settings, UsageError, find_config_file, load_settings
 from .model_loading import ModelLoadError
 from .plugin_manager import PluginError
 from .redaction import REDACTOR, install as install_redaction
@@ -69,7 +69,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return serve(settings, strict, ["console"])
         return serve(settings, strict, args.adapter)
     except ConfigError as exc:
+        if args.command == "config" and exc.settings is not None:
+            # The core sections are wrong: check the plugins' and adapters' too, to report everything at once.
+            configure_logging(exc.settings, verbose)
+            return check_config(exc.settings, strict, exc.issues)
         print(f"chatforge: invalid config:\n{REDACTOR.redact(str(exc))}", file=sys.stderr)
+        return EXIT_CONFIG
+    except UsageError as exc:
+        print("\n".join(f"chatforge: {line}" for line in str(exc).splitlines()), file=sys.stderr)
         return EXIT_CONFIG
     except AdapterError as exc:
         print(f"chatforge: {REDACTOR.redact(str(exc))} (in {settings.filename})", file=sys.stderr)
@@ -106,16 +113,31 @@ def configure_logging(settings: Settings, verbose: int) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def check_config(settings: Settings, strict: bool) -> int:
-    from .app import load_plugins
+def check_config(settings: Settings, strict: bool, found: Sequence[ConfigIssue] = ()) -> int:
+    """Report every problem at once, in the order of the file: `found` (the core sections', from
+    load_settings), the plugins' and adapters' sections', and a missing token of an enabled adapter.
 
-    host = load_plugins(settings, strict)
+    A check never stops at the first plugin failure, `strict` or not: each is logged, and any fails it.
+    """
+    from .app import check_tokens
+    from .plugin_manager import PluginHost
+
+    host = PluginHost(settings)
+    issues = [*found, *host.load()]
+    try:
+        check_tokens(settings, host, [name for name, section in settings.adapters.items() if section.enabled])
+    except ConfigError as exc:
+        issues += exc.issues
+    if issues:
+        error = ConfigError(issues, settings.filename)
+        print(f"chatforge: invalid config:\n{REDACTOR.redact(str(error))}", file=sys.stderr)
     failed = [info.name for info in host.failures]
     if failed:
         sections = ", ".join(f"plugins.{name}" for name in failed)
         print(f"{settings.filename}: not OK: {len(failed)} plugin(s) failed to load (see above), "
               f"so {sections} could not be checked", file=sys.stderr)
-        return EXIT_FAILURE
+    if issues or failed:
+        return EXIT_CONFIG if issues else EXIT_FAILURE
     print(f"{settings.filename}: OK")
     return EXIT_OK
 
@@ -148,6 +170,7 @@ def serve(settings: Settings, strict: bool, adapter_names: list[str] | None) -> 
 
     host = app.load_plugins(settings, strict)
     names = app.choose_adapters(settings, host, adapter_names)
+    app.check_tokens(settings, host, names)  # before the model loads
     engine = app.create_engine(settings, host)
     asyncio.run(app.serve(engine, names))
     return EXIT_OK

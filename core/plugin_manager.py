@@ -26,7 +26,7 @@ from typing import Any, AsyncIterator, Callable
 import pluggy
 from pydantic import BaseModel
 
-from . import hookspecs
+from . import hookspecs, redaction
 from .commands import Command, CommandRegistry
 from .skill import SkillError
 from .config import ConfigIssue, PluginSection, Settings, validate_section
@@ -100,7 +100,9 @@ class PluginHost:
     def load(self, extra_plugins: dict[str, Any] | None = None) -> list[ConfigIssue]:
         """Load every plugin, validate plugin and adapter config; return the config issues found.
 
-        `extra_plugins` (name -> module or object) are registered too: the test kit uses it.
+        Every secret of the validated sections (SecretStr values) is registered with the log redactor at
+        once, before anything can log it. `extra_plugins` (name -> module or object) are registered too:
+        the test kit uses it.
         """
         sections = self.settings.plugins
         for name, module in BUILTIN_PLUGINS.items():
@@ -119,6 +121,7 @@ class PluginHost:
         issues = self._validate_plugin_configs()
         self._collect_adapters()
         issues += self._validate_adapter_configs()
+        redaction.REDACTOR.add(redaction.secrets_in(self.adapter_configs) + redaction.secrets_in(self.configs))
         self._register_commands()
         return issues
 
