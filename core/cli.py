@@ -33,8 +33,12 @@ def build_parser() -> argparse.ArgumentParser:
                                      description="A chat bot on a local language model, with pluggable skills and platforms.")
     parser.add_argument("--version", action="version", version=f"chatforge {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    commands.add_parser("chat", parents=[common], help="chat in this terminal (or through a pipe)",
-                        description="Chat with the bot in the terminal. With a pipe on stdin, each line is one message.")
+    chat = commands.add_parser("chat", parents=[common], help="chat in this terminal (or through a pipe)",
+                               description="Chat with the bot in the terminal. With a pipe on stdin, "
+                                           "each line is one message.")
+    chat.add_argument("--json", action="store_true",
+                      help='one JSON object per input line: {"input": ..., "reply": ..., "source": ...}')
+    chat.add_argument("--user", metavar="NAME", help="talk as NAME (its own memory), e.g. for a script")
     run = commands.add_parser("run", parents=[common], help="serve on the adapters enabled in the config",
                               description="Start every adapter enabled in the config (or those named) around one engine.")
     run.add_argument("--adapter", "-a", action="append", metavar="NAME", help="start this adapter (repeatable)")
@@ -66,7 +70,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "plugins":
             return list_plugins(settings, strict)
         if args.command == "chat":
-            return serve(settings, strict, ["console"])
+            console = {"output": "json"} if args.json else {}
+            if args.user:
+                console["user"] = args.user
+            return serve(settings, strict, ["console"], overrides={"console": console})
         return serve(settings, strict, args.adapter)
     except ConfigError as exc:
         if args.command == "config" and exc.settings is not None:
@@ -165,10 +172,15 @@ def list_plugins(settings: Settings, strict: bool) -> int:
     return EXIT_OK
 
 
-def serve(settings: Settings, strict: bool, adapter_names: list[str] | None) -> int:
+def serve(settings: Settings, strict: bool, adapter_names: list[str] | None,
+          overrides: dict[str, dict[str, object]] | None = None) -> int:
+    """Start the adapters; `overrides` are command-line options that win over their config sections."""
     from . import app
 
     host = app.load_plugins(settings, strict)
+    for name, changes in (overrides or {}).items():
+        if changes and host.adapter_configs.get(name) is not None:
+            host.adapter_configs[name] = host.adapter_configs[name].model_copy(update=changes)
     names = app.choose_adapters(settings, host, adapter_names)
     app.check_tokens(settings, host, names)  # before the model loads
     engine = app.create_engine(settings, host)

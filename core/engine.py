@@ -19,14 +19,14 @@ import difflib
 import inspect
 import logging
 import time
-from typing import Any
+from typing import Any, Callable
 
 from . import pii
 from .commands import CommandContext, CommandRegistry, parse_command
 from .config import Settings
 from .delivery import split_message
 from .generator import OnText, TextGenerator
-from .guard import Busy, ConversationQueue, RateLimiter, clean_text
+from .guard import Busy, ConversationQueue, RateLimiter, clean_text, too_long
 from .memory import MemoryStore, Turn, conversation_key
 from .message import Message, Reply
 from .plugin_manager import PluginHost
@@ -57,6 +57,7 @@ class Engine:
         self.started_at = time.time()
         self.answered = 0
         self._purged_at = 0.0
+        self._forget_listeners: list[Callable[[Message], None]] = []
         self.purge_expired()
 
     # ------------------------------------------------------------ for plugins
@@ -101,8 +102,19 @@ class Engine:
         return self.memory.about_user(message.platform, message.user)
 
     def forget_user(self, message: Message) -> int:
-        """Delete everything remembered about the sender on this platform; how many turns."""
-        return self.memory.forget_user(message.platform, message.user)
+        """Delete everything remembered about the sender on this platform; how many turns.
+
+        Listeners (`on_forget_user`) then delete what they keep of that person too,
+        such as the console's line-editing history.
+        """
+        forgotten = self.memory.forget_user(message.platform, message.user)
+        for listener in self._forget_listeners:
+            listener(message)
+        return forgotten
+
+    def on_forget_user(self, listener: Callable[[Message], None]) -> None:
+        """Call `listener(message)` whenever the sender of `message` asks to be forgotten."""
+        self._forget_listeners.append(listener)
 
     def purge_expired(self) -> int:
         """Apply `memory.retention_days` (at most once an hour); how many turns were deleted."""
@@ -135,21 +147,23 @@ class Engine:
         admins = self.settings.bot.admins
         return f"{message.platform}:{message.user}" in admins or f"{message.platform}:*" in admins
 
-    async def handle(self, message: Message, on_text: OnText | None = None) -> Reply | None:
+    async def handle(self, message: Message, on_text: OnText | None = None, *,
+                     rate_limit: bool = True) -> Reply | None:
         """Answer one message. None means a deliberate silence (an empty message, a flood).
 
         Messages of one conversation are answered one at a time, in the order
-        they came; other conversations go on meanwhile.
+        they came; other conversations go on meanwhile. `rate_limit=False` is for
+        the operator's own console: per-user rate limits protect the bot from
+        remote users, not from the person running it.
         """
         text = clean_text(message.text)
         if not text:
             return None
         limits = self.settings.limits
         if len(text) > limits.max_message_chars:
-            return Reply(f"Your message is {len(text):,} characters long; I read at most "
-                         f"{limits.max_message_chars:,}. Please send a shorter one.", source="engine", remember=False)
+            return Reply(too_long(len(text), limits.max_message_chars), source="engine", remember=False)
         user = f"{message.platform}:{message.user}"
-        wait = self.rate_limiter.acquire(user)
+        wait = self.rate_limiter.acquire(user) if rate_limit else 0
         if wait:
             return self._slow_down(user, wait)
         message = message.replace(text=text)

@@ -31,6 +31,11 @@ def clean_text(text: str) -> str:
     return unicodedata.normalize("NFC", text).strip()
 
 
+def too_long(length: int, limit: int) -> str:
+    """The polite refusal of a message of `length` characters when at most `limit` are read."""
+    return f"Your message is {length:,} characters long; I read at most {limit:,}. Please send a shorter one."
+
+
 class RateLimiter:
     """A token bucket per key: `burst` messages at once, then `per_minute` a minute."""
 

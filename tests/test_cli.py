@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import textwrap
 from pathlib import Path
@@ -206,3 +207,50 @@ def test_a_bad_secret_value_is_never_echoed(cli, tmp_path):
     assert result.returncode == 2
     assert "config.yaml:3: adapters.telegram.token: must be a valid string" in result.stderr
     assert "s3cret-in-a-list" not in result.stderr
+
+
+# ---------------------------------------------------------------- pipe mode for scripts
+
+def test_pipe_mode_answers_every_line_in_order_without_rate_limits(cli, tiny_config):
+    """The console is the operator's own terminal: no per-user rate limit, no flood guard."""
+    lines = "".join(f"/sentiment line {i} I am happy\n" for i in range(300))
+    result = cli("chat", "-c", str(tiny_config), stdin=lines)
+    assert result.returncode == 0, result.stderr
+    replies = result.stdout.splitlines()
+    assert len(replies) == 300, replies[:8]
+    assert all(re.fullmatch(r"(positive|neutral|negative) \([+-]\d\.\d\d\)", reply) for reply in replies)
+
+
+def test_json_mode_prints_one_object_per_input_line(cli, tiny_config):
+    import json
+
+    inputs = ["hello there", "/history", "", "/reset", "/nosuchcommand"]
+    result = cli("chat", "--json", "-c", str(tiny_config), stdin="".join(line + "\n" for line in inputs))
+    assert result.returncode == 0, result.stderr
+    objects = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [item["input"] for item in objects] == inputs
+    assert objects[0]["source"] == "generator" and objects[0]["reply"]
+    assert objects[1]["reply"].startswith("I remember 2 turns of this conversation:\nYou: hello there\n")
+    assert objects[1]["source"] == "/history"
+    assert objects[2] == {"input": "", "reply": None, "source": None}  # the bot stays silent
+    assert objects[3]["reply"] == "Done: I forgot this conversation (2 turns)."
+    assert objects[4]["source"] == "engine" and "Unknown command /nosuchcommand" in objects[4]["reply"]
+
+
+def test_pipe_mode_can_talk_as_its_own_user(cli, tiny_config):
+    assert cli("chat", "-c", str(tiny_config), stdin="hello there\n").returncode == 0
+    scripted = cli("chat", "--user", "nightly-job", "-c", str(tiny_config), stdin="/history\n")
+    assert "I don't remember anything of this conversation yet." in scripted.stdout
+    mine = cli("chat", "-c", str(tiny_config), stdin="/history\n")
+    assert "You: hello there" in mine.stdout
+
+
+def test_a_line_over_4_mib_gets_a_polite_refusal_and_later_lines_are_answered(cli, tiny_config):
+    huge = "x" * (5 * 2**20)
+    result = cli("chat", "-c", str(tiny_config), stdin=f"/sentiment I am happy\n{huge}\n/sentiment I am happy\n")
+    assert result.returncode == 0, result.stderr[-2000:]
+    replies = result.stdout.splitlines()
+    assert replies[0].startswith("positive") and replies[2].startswith("positive"), replies
+    assert replies[1] == ("Your message is 5,242,880 characters long; I read at most 4,000. "
+                          "Please send a shorter one.")
+    assert "Traceback" not in result.stderr
