@@ -20,6 +20,11 @@ What it does:
   With `stream: true` the reply is sent at once and edited as the model writes.
 - Needs the *Message Content* privileged intent (Developer Portal -> Bot ->
   Privileged Gateway Intents) to read what people write in servers.
+- While Discord cannot be reached (no network, DNS, connection refused, a 5xx
+  at login), it tries again 1, 2, 4... up to 30 s later, one warning a try;
+  once connected it logs "discord: connected as NAME". A rejected token or
+  refused intent is an AdapterError (`chatforge run` exits 2); any other
+  failure to connect is raised.
 
 Pointing at another Discord (`api_base`, `gateway_url`) is for proxies and
 tests. discord.py reads its endpoints from class attributes shared by every
@@ -61,6 +66,9 @@ TYPING_EVERY = 8.0
 """Discord shows "typing..." for about 10 s after each trigger."""
 ANSWER_WITHIN = 2.0
 """An interaction must be answered within 3 s; slower answers are deferred, then followed up."""
+
+RETRY_FIRST, RETRY_MAX = 1.0, 30.0
+"""Seconds between attempts to reach Discord: doubling from the first to the last."""
 
 DEFAULT_API_BASE = discord.http.Route.BASE
 DEFAULT_GATEWAY = str(discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY)
@@ -135,6 +143,22 @@ def _rebase_gateway(url: str, gateway_url: str) -> str:
     return str(yarl.URL(gateway_url).with_query(parsed.query))
 
 
+class _GatewayUnreachable(Exception):
+    """The gateway could not be reached before there was a session: the adapter retries it.
+
+    discord.py's own reconnect assumes a session (it fails on the first connection, after logging a
+    traceback), so that case is taken out of its hands.
+    """
+
+
+def _transient(error: BaseException) -> bool:
+    """Whether a failure to connect is worth retrying: the network, or Discord having trouble (5xx, 429)."""
+    if isinstance(error, discord.HTTPException):
+        return error.status >= 500 or error.status == 429
+    return isinstance(error, (aiohttp.ClientError, OSError, asyncio.TimeoutError, discord.GatewayNotFound,
+                              _GatewayUnreachable))
+
+
 class _RebasedWebhookAdapter(AsyncWebhookAdapter):
     """discord.py's webhook adapter (interaction responses, follow-ups) with REST moved to `api_base`."""
 
@@ -161,13 +185,17 @@ class _Client(discord.Client):
                 return await request(route, **kwargs)
 
             http.request = rebased_request  # type: ignore[method-assign]
-        if config.gateway_url != DEFAULT_GATEWAY:
-            ws_connect = http.ws_connect
+        ws_connect = http.ws_connect
 
-            async def rebased_ws_connect(url: str, **kwargs: Any) -> aiohttp.ClientWebSocketResponse:
+        async def connect_gateway(url: str, **kwargs: Any) -> aiohttp.ClientWebSocketResponse:
+            try:
                 return await ws_connect(_rebase_gateway(url, config.gateway_url), **kwargs)
+            except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+                if self.ws is None:  # no session yet
+                    raise _GatewayUnreachable() from exc
+                raise
 
-            http.ws_connect = rebased_ws_connect  # type: ignore[method-assign]
+        http.ws_connect = connect_gateway  # type: ignore[method-assign]
         self.tree: app_commands.CommandTree | None = None
         if config.slash_commands:
             self.tree = app_commands.CommandTree(self)
@@ -190,7 +218,7 @@ class _Client(discord.Client):
                         "applications.commands scope?): %s", exc)
 
     async def on_ready(self) -> None:
-        log.info("connected to Discord as %s (id %s)", self.user, self.user.id if self.user else "?")
+        self.adapter.announce(f"{self.user} (id {self.user.id if self.user else '?'})")
 
     async def on_message(self, message: discord.Message) -> None:
         self.adapter.on_message(message)
@@ -207,24 +235,54 @@ class DiscordAdapter(Adapter):
     def __init__(self, engine, config: DiscordConfig | None) -> None:
         super().__init__(engine, config or DiscordConfig())
         self.client: _Client | None = None
-        self._stopping = False
+        self._stop_requested = asyncio.Event()
         self._background: set[asyncio.Task] = set()
 
     # ------------------------------------------------------------ lifecycle
 
     async def run(self) -> None:
+        """Connect, retrying with backoff while Discord cannot be reached, and serve until stopped.
+
+        A rejected token or intent is an AdapterError; any other failure is raised: it ends `run()`, which
+        `chatforge run` turns into a non-zero exit for a supervisor to act on.
+        """
         token = self.require_token()
-        if self._stopping:
-            return
         # Interaction responses use the webhook adapter found in this context
         # variable; setting it here affects this task and the tasks it starts only.
         if self.config.api_base != DEFAULT_API_BASE:
             async_context.set(_RebasedWebhookAdapter(self.config.api_base))
-        intents = discord.Intents.default()
-        intents.message_content = True
         # The bot never joins voice; discord.py warns once per process that voice
         # libraries are missing (then clears these flags itself). Skip the noise.
         discord.VoiceClient.warn_nacl = discord.VoiceClient.warn_dave = False
+        delay = RETRY_FIRST
+        while not self._stop_requested.is_set():
+            try:
+                await self._connect(token)
+            except AdapterError:
+                raise
+            except Exception as exc:
+                if self._stop_requested.is_set():
+                    return  # stopped while connecting: what closing the session caused is moot
+                if not _transient(exc):
+                    raise
+                gateway = isinstance(exc, _GatewayUnreachable)
+                cause = exc.__cause__ if gateway else exc
+                log.warning("cannot reach %s (%s: %s); retrying in %.0f s",
+                            "Discord's gateway" if gateway else "Discord", type(cause).__name__, cause, delay)
+            else:
+                if self._stop_requested.is_set():
+                    return
+                log.warning("the Discord client closed without being asked to; reconnecting in %.0f s", delay)
+            try:
+                await asyncio.wait_for(self._stop_requested.wait(), delay)
+            except asyncio.TimeoutError:
+                pass
+            delay = min(RETRY_MAX, delay * 2)
+
+    async def _connect(self, token: str) -> None:
+        """One attempt, on a new client: log in, then hold the gateway (discord.py resumes it when it drops)."""
+        intents = discord.Intents.default()
+        intents.message_content = True
         # Replies come from a language model: they must never ping @everyone, roles or users.
         self.client = client = _Client(self, intents=intents, allowed_mentions=discord.AllowedMentions.none())
         try:
@@ -233,7 +291,7 @@ class DiscordAdapter(Adapter):
             except discord.LoginFailure:
                 raise AdapterError("adapters.discord.token: Discord rejected the token (401 Unauthorized); "
                                    "copy it again from the Developer Portal (Bot -> Reset Token)") from None
-            if self._stopping:
+            if self._stop_requested.is_set():
                 return
             await client.connect(reconnect=True)
         except discord.PrivilegedIntentsRequired:
@@ -244,14 +302,7 @@ class DiscordAdapter(Adapter):
             if exc.code == 4004:
                 raise AdapterError("adapters.discord.token: Discord rejected the token (gateway close 4004); "
                                    "copy it again from the Developer Portal (Bot -> Reset Token)") from None
-            if not self._stopping:
-                raise
-        except AdapterError:
             raise
-        except Exception:
-            if not self._stopping:
-                raise
-            # stopped while logging in or connecting: what the closed session caused is moot
         finally:
             for task in list(self._background):
                 task.cancel()
@@ -259,7 +310,7 @@ class DiscordAdapter(Adapter):
                 await client.close()
 
     async def stop(self) -> None:
-        self._stopping = True
+        self._stop_requested.set()
         await self.wait_in_flight()
         if self.client is not None and not self.client.is_closed():
             await self.client.close()
@@ -273,7 +324,7 @@ class DiscordAdapter(Adapter):
     # ------------------------------------------------------------ messages
 
     def on_message(self, message: discord.Message) -> None:
-        if self._stopping or self.client is None or self.client.user is None:
+        if self._stop_requested.is_set() or self.client is None or self.client.user is None:
             return
         if message.author.id == self.client.user.id or message.author.bot or message.webhook_id is not None:
             return

@@ -146,7 +146,7 @@ class TelegramAdapter(Adapter):
                         allowed_updates=[Update.MESSAGE],
                         error_callback=self._polling_error,
                     )
-                log.info("serving as @%s (%s)", self.username, self.config.mode)
+                self.announce(f"@{self.username} ({self.config.mode})")
                 await self._stop_requested.wait()
             finally:
                 await self._shut_down(application)

@@ -56,7 +56,12 @@ class Adapter:
         self.in_flight: set[asyncio.Task] = set()
 
     async def run(self) -> None:
-        """Serve until the platform connection ends or `stop()` is called."""
+        """Serve until `stop()` is called.
+
+        While the platform cannot be reached, keep trying (with backoff, a warning a try); once connected,
+        call `announce()`. Return only when stopped: giving up for good is an exception (AdapterError for
+        what the operator must fix), and `chatforge run` exits non-zero so that a supervisor can act.
+        """
         raise NotImplementedError
 
     async def stop(self) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -324,6 +325,14 @@ def test_two_users_in_one_channel_keep_separate_memories(bot, fake):
     assert fake.sent_messages(THREAD_ID, since)
 
 
+def test_the_bot_says_once_at_the_default_log_level_that_it_is_connected(bot, fake):
+    def connected() -> list[str]:
+        return [line for line in bot.stderr.splitlines() if "connected as" in line]
+
+    fake.wait_until(connected, 10, "the announcement")  # on_ready follows READY once the guilds are in
+    assert connected() == [f"chatforge: INFO: discord: connected as forgebot (id {BOT_USER['id']})"]
+
+
 def test_the_bot_reconnects_after_the_gateway_closes(bot, fake):
     resumes, identifies = fake.resumes(), fake.identifies()
     fake.close_gateway(4000)
@@ -476,3 +485,172 @@ def test_endpoints_are_moved_per_client_and_discord_py_globals_are_untouched():
 
     with FakeDiscord(TOKEN) as server:
         asyncio.run(asyncio.wait_for(scenario(server), 60))
+
+
+# ---------------------------------------------------------------- Discord out of reach
+
+
+class Engine:
+    """What the adapter needs of the engine to connect (no message is answered here)."""
+
+    command_prefix = "/"
+
+    def __init__(self) -> None:
+        from chatforge.commands import CommandRegistry
+
+        self.commands = CommandRegistry()
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on (connections to it are refused at once)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class FakeDiscordOnPort(FakeDiscord):
+    """The fake Discord on a port chosen beforehand: Discord coming back where the bot expects it."""
+
+    def __init__(self, token: str, port: int) -> None:
+        super().__init__(token)
+        self.wanted_port = port
+
+    async def _start_site(self) -> None:
+        from aiohttp import web
+
+        self._runner = web.AppRunner(self.make_app(), handle_signals=False, access_log=None, shutdown_timeout=1)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", self.wanted_port).start()
+        self.port = self.wanted_port
+
+
+def retries(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "chatforge.adapters.discord"
+            and r.levelname == "WARNING" and r.getMessage().startswith("cannot reach Discord")]
+
+
+async def wait_for(condition, timeout: float, what: str) -> None:
+    import asyncio
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
+        await asyncio.sleep(0.05)
+
+
+def discord_config(api_port: int, gateway_port: int):
+    from chatforge.adapters.discord import DiscordConfig
+
+    return DiscordConfig(enabled=True, token=TOKEN, api_base=f"http://127.0.0.1:{api_port}/api/v10",
+                         gateway_url=f"ws://127.0.0.1:{gateway_port}/gateway")
+
+
+def test_an_unreachable_discord_is_retried_with_backoff_until_stopped(caplog):
+    import asyncio
+
+    from chatforge.adapters.discord import DiscordAdapter
+
+    async def scenario() -> None:
+        port = closed_port()
+        adapter = DiscordAdapter(Engine(), discord_config(port, port))
+        running = asyncio.create_task(adapter.run())
+        await wait_for(lambda: len(retries(caplog)) >= 2 or running.done(), 10, "two retries")
+        assert not running.done()  # it keeps trying: never a silent return
+        started = time.monotonic()
+        await asyncio.wait_for(adapter.stop(), 5)
+        await asyncio.wait_for(running, 5)  # in the middle of a 2 s wait: it ends at once, without an error
+        assert time.monotonic() - started < 1
+        first, second = retries(caplog)[:2]
+        assert f"127.0.0.1:{port}" in first and "ClientConnectorError" in first
+        assert first.endswith("retrying in 1 s") and second.endswith("retrying in 2 s")
+        assert TOKEN not in caplog.text
+
+    asyncio.run(asyncio.wait_for(scenario(), 30))
+
+
+def test_discord_coming_up_later_is_connected_to_and_announced(caplog):
+    import asyncio
+
+    from chatforge.adapters.discord import DiscordAdapter
+
+    async def scenario() -> None:
+        port = closed_port()
+        adapter = DiscordAdapter(Engine(), discord_config(port, port))
+        running = asyncio.create_task(adapter.run())
+        try:
+            await wait_for(lambda: retries(caplog) or running.done(), 10, "a retry")
+            with FakeDiscordOnPort(TOKEN, port) as server:
+                await asyncio.to_thread(server.wait_ready, 15)
+                await wait_for(lambda: "discord: connected as forgebot" in caplog.text, 5, "the announcement")
+                await asyncio.wait_for(adapter.stop(), 10)
+                await asyncio.wait_for(running, 10)
+        finally:
+            running.cancel()
+        [announced] = [r for r in caplog.records if "connected as" in r.getMessage()]
+        assert announced.name == "chatforge" and announced.levelname == "INFO"
+
+    asyncio.run(asyncio.wait_for(scenario(), 60))
+
+
+def test_a_session_that_ends_unasked_is_reconnected_never_a_silent_return(caplog):
+    import asyncio
+
+    from chatforge.adapters.discord import DiscordAdapter
+
+    async def scenario(server: FakeDiscord) -> None:
+        adapter = DiscordAdapter(Engine(), discord_config(server.port, server.port))
+        running = asyncio.create_task(adapter.run())
+        await asyncio.to_thread(server.wait_ready, 15)
+        await adapter.client.close()  # as if discord.py had closed the client by itself
+        await asyncio.to_thread(server.wait_until, lambda: server.identifies() >= 2, 10, "a second IDENTIFY")
+        assert not running.done()
+        await asyncio.wait_for(adapter.stop(), 5)
+        await asyncio.wait_for(running, 5)
+        assert "the Discord client closed without being asked to; reconnecting in 1 s" in caplog.text
+
+    with FakeDiscord(TOKEN) as server:
+        asyncio.run(asyncio.wait_for(scenario(server), 30))
+
+
+def test_an_unreachable_gateway_is_retried_too(caplog):
+    import asyncio
+
+    from chatforge.adapters.discord import DiscordAdapter
+
+    async def scenario(server: FakeDiscord) -> None:
+        adapter = DiscordAdapter(Engine(), discord_config(server.port, closed_port()))
+        running = asyncio.create_task(adapter.run())
+        await wait_for(lambda: len(retries(caplog)) >= 2 or running.done(), 10, "two retries")
+        assert not running.done()
+        await asyncio.wait_for(adapter.stop(), 5)
+        await asyncio.wait_for(running, 5)
+        assert all(message.startswith("cannot reach Discord's gateway (") for message in retries(caplog))
+        assert len(server.find("GET", "/users/@me")) >= 2  # each attempt logs in afresh
+        assert "Traceback" not in caplog.text and "Attempting a reconnect" not in caplog.text
+
+    with FakeDiscord(TOKEN) as server:
+        asyncio.run(asyncio.wait_for(scenario(server), 30))
+
+
+def test_chatforge_run_keeps_trying_an_unreachable_discord_and_stops_on_sigterm(tmp_path, tiny_gpt2, model_cache):
+    port = closed_port()
+
+    class Nowhere:
+        api_base = f"http://127.0.0.1:{port}/api/v10"
+        gateway_url = f"ws://127.0.0.1:{port}/gateway"
+
+    running = Bot(tmp_path, Nowhere(), "", model=tiny_gpt2, cache=model_cache)
+    try:
+        deadline = time.monotonic() + READY_WITHIN
+        while running.stderr.count("cannot reach Discord") < 2:
+            assert running.process.poll() is None, f"exited with {running.process.returncode}:\n{running.stderr}"
+            assert time.monotonic() < deadline, running.stderr
+            time.sleep(0.2)
+        running.process.send_signal(signal.SIGTERM)
+        status = running.wait_exit(10)
+    finally:
+        running.stop()
+    assert status == 0, running.stderr
+    warnings = [line for line in running.stderr.splitlines() if "cannot reach Discord" in line]
+    assert warnings[0].startswith("chatforge.adapters.discord: WARNING: cannot reach Discord (")
+    assert "Traceback" not in running.stderr and TOKEN not in running.stderr

@@ -9,6 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from chatforge.app import check_tokens, choose_adapters
+from chatforge.config import ConfigError, UsageError, load_settings
+from chatforge.plugin_manager import PluginHost
+
 # Variables no test machine sets: the tokens below are empty.
 NO_ENV = {"CF_TEST_UNSET_DISCORD": "", "CF_TEST_UNSET_TELEGRAM": ""}
 
@@ -119,10 +123,6 @@ def test_an_unknown_adapter_on_the_command_line_is_blamed_on_the_command_line(cl
 
 
 def test_check_tokens_lists_every_chosen_adapter_without_one(tmp_path):
-    from chatforge.app import check_tokens, choose_adapters
-    from chatforge.config import ConfigError, UsageError, load_settings
-    from chatforge.plugin_manager import PluginHost
-
     settings = load_settings(write(tmp_path, """
         adapters:
           console:

@@ -190,6 +190,14 @@ def test_a_private_message_gets_a_reply_to_it(fake, bot):
     assert sent[0].params["text"].startswith("Commands:\n")
 
 
+def test_the_bot_says_at_the_default_log_level_that_it_is_connected(fake, bot):
+    def connected() -> list[str]:
+        return [line for line in bot.stderr.splitlines() if "connected as" in line]
+
+    fake.wait_for(connected, 5, "the announcement")
+    assert connected() == [f"chatforge: INFO: telegram: connected as @{BOT_USERNAME} (polling)"]
+
+
 def test_typing_is_shown_while_answering(fake, bot):
     fake.enqueue_message("are you typing?", chat_id=5002, user_id=5002)
     fake.wait_for(lambda: fake.sent_messages(5002), ANSWER, "a reply in chat 5002")
