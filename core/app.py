@@ -14,7 +14,7 @@ from .engine import Engine
 from .generator import TextGenerator, TransformersGenerator
 from .memory import InMemoryMemory, MemoryStore, SQLiteMemory
 from .model_loading import load_model
-from .plugin_manager import PluginHost
+from .plugin_manager import PluginError, PluginHost
 from .prompt import trim_step
 
 log = logging.getLogger("chatforge")
@@ -139,12 +139,20 @@ def check_tokens(settings: Settings, host: PluginHost, names: Iterable[str]) -> 
         raise ConfigError(locate(issues, settings.lines), settings.filename)
 
 
+class AdapterStopped(Exception):
+    """An adapter failed for good: chatforge exits with status 1, so that a supervisor restarts it."""
+
+
 async def serve(engine: Engine, adapter_names: list[str]) -> None:
     """Run the adapters side by side around one engine until they end or SIGINT/SIGTERM stops them.
 
     On a signal every adapter is asked to stop and given `bot.shutdown_timeout`
     seconds to send the replies in flight; then the engine closes the memory.
-    An AdapterError (a missing or rejected token) stops everything and is raised.
+    An adapter that ends on its own (the console at the end of its input)
+    leaves the others serving. One that fails stops everything, and its
+    failure is raised: an AdapterError (a missing or rejected token), a
+    PluginError (a plugin failed under --strict, wherever it ran), or
+    AdapterStopped (anything else).
     """
     host = engine.host
     adapters = [host.adapters[name](engine, host.adapter_configs.get(name)) for name in adapter_names]
@@ -157,20 +165,26 @@ async def serve(engine: Engine, adapter_names: list[str]) -> None:
             pass  # not the main thread, or not a Unix loop
     running = {asyncio.create_task(adapter.run(), name=f"adapter:{adapter.name}"): adapter for adapter in adapters}
     stopper = asyncio.create_task(stop_requested.wait())
-    fatal: AdapterError | None = None
+    plugin_failure = asyncio.create_task(engine.stopped_by_plugin())
+    fatal: Exception | None = None
     try:
-        while running and not stop_requested.is_set():
-            done, _ = await asyncio.wait([*running, stopper], return_when=asyncio.FIRST_COMPLETED)
-            for task in done - {stopper}:
+        while running and fatal is None and not stop_requested.is_set():
+            done, _ = await asyncio.wait([*running, stopper, plugin_failure], return_when=asyncio.FIRST_COMPLETED)
+            if plugin_failure in done:
+                fatal = plugin_failure.result()
+            for task in done & running.keys():
                 adapter = running.pop(task)
                 error = None if task.cancelled() else task.exception()
-                if isinstance(error, AdapterError):
+                if error is None or fatal is not None:
+                    continue
+                if isinstance(error, (AdapterError, PluginError)):
                     fatal = error
-                    stop_requested.set()
-                elif error is not None:
-                    log.error("the %s adapter stopped: %s: %s", adapter.name, type(error).__name__, error)
+                else:
+                    fatal = AdapterStopped(f"the {adapter.name} adapter stopped: {type(error).__name__}: {error}")
+                    log.debug("the %s adapter's traceback", adapter.name, exc_info=error)
     finally:
         stopper.cancel()
+        plugin_failure.cancel()
         await _stop_adapters(running, engine.settings.bot.shutdown_timeout)
         for signum in (signal.SIGINT, signal.SIGTERM):
             try:

@@ -12,6 +12,7 @@ from typing import Sequence
 
 from . import __version__
 from .adapter import AdapterError
+from .app import AdapterStopped
 from .config import ConfigError, ConfigIssue, Settings, UsageError, find_config_file, load_settings
 from .model_loading import ModelLoadError
 from .plugin_manager import PluginError
@@ -88,7 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except AdapterError as exc:
         print(f"chatforge: {REDACTOR.redact(str(exc))} (in {settings.filename})", file=sys.stderr)
         return EXIT_CONFIG
-    except (PluginError, ModelLoadError) as exc:
+    except (PluginError, ModelLoadError, AdapterStopped) as exc:
         print(f"chatforge: {REDACTOR.redact(str(exc))}", file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:

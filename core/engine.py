@@ -29,14 +29,11 @@ from .generator import OnText, TextGenerator
 from .guard import Busy, ConversationQueue, RateLimiter, clean_text, too_long
 from .memory import MemoryStore, Turn, conversation_key
 from .message import Message, Reply
-from .plugin_manager import PluginHost
+from .plugin_manager import FAILED, PluginError, PluginExited, PluginHost, contained
 from .prompt import window_start
 from .skill import SkillError
 
 log = logging.getLogger("chatforge.engine")
-
-
-_FAILED = object()
 
 
 def apology(source: str) -> Reply:
@@ -58,6 +55,8 @@ class Engine:
         self.answered = 0
         self._purged_at = 0.0
         self._forget_listeners: list[Callable[[Message], None]] = []
+        self.fatal_error: PluginError | None = None
+        self._fatal = asyncio.Event()
         self.purge_expired()
 
     # ------------------------------------------------------------ for plugins
@@ -173,11 +172,22 @@ class Engine:
         except Busy:
             return Reply("I'm busy answering a lot of messages right now; please try again in a minute.",
                          source="engine", remember=False)
+        except PluginError as exc:  # strict mode: a plugin failed, the bot stops (see `stopped_by_plugin`)
+            if self.fatal_error is None:
+                self.fatal_error = exc
+            self._fatal.set()
+            raise
         except Exception:  # noqa: BLE001 - a bug in chatforge must not kill the bot either
             log.exception("engine failed on a message from %s/%s", message.platform, message.chat)
             return apology("chatforge")
         self.answered += 1
         return reply if reply else None
+
+    async def stopped_by_plugin(self) -> PluginError:
+        """Wait until a plugin fails in strict mode (`chatforge --strict`); that failure."""
+        await self._fatal.wait()
+        assert self.fatal_error is not None
+        return self.fatal_error
 
     def _slow_down(self, user: str, wait: float) -> Reply | None:
         """Say "slow down" once per flood; stay silent for the rest of it."""
@@ -236,9 +246,12 @@ class Engine:
             return result
         timeout = self.settings.limits.hook_timeout
         try:
-            return await asyncio.wait_for(result, timeout)
+            return await asyncio.wait_for(contained(result), timeout)
         except SkillError:
             raise
+        except PluginExited as exc:
+            self.host.report(plugin, hook_name, exc.exit)
+            return failed
         except asyncio.TimeoutError:
             self.host.report(plugin, hook_name, TimeoutError(f"no answer within {timeout:g} s (limits.hook_timeout)"))
             return failed
@@ -265,8 +278,8 @@ class Engine:
 
     async def _plugin_reply(self, plugin: str, result: Any, source: str, where: str, remember: bool) -> Reply:
         """Await and normalise what a plugin returned; its failure becomes an apology."""
-        result = await self._settle(plugin, where, result, failed=_FAILED)
-        if result is _FAILED:
+        result = await self._settle(plugin, where, result, failed=FAILED)
+        if result is FAILED:
             return apology(f"the {plugin} plugin")
         if isinstance(result, Reply):
             return result

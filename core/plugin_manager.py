@@ -52,6 +52,57 @@ class PluginError(Exception):
     """A plugin failure in strict mode."""
 
 
+FAILED = object()
+"""What a plugin's call gives when it raised or timed out (it has been reported)."""
+
+
+def is_plugin_fault(exc: BaseException) -> bool:
+    """Whether `exc`, raised while plugin code ran, is the plugin's failure.
+
+    Everything is, `SystemExit` included (argparse exits on bad arguments),
+    except the process's own Ctrl-C and the cancellation of the task that
+    called the plugin: those must go on to stop what they were meant to stop.
+    """
+    if isinstance(exc, KeyboardInterrupt):
+        return False
+    if isinstance(exc, asyncio.CancelledError):
+        try:
+            task = asyncio.current_task()
+        except RuntimeError:  # no event loop: the plugin raised it itself
+            return True
+        return task is None or not task.cancelling()
+    return True
+
+
+class PluginExited(Exception):
+    """A plugin's SystemExit, carried as an ordinary exception.
+
+    asyncio stops the whole event loop when a task raises SystemExit (also a
+    task that waits for a thread), so plugin code runs through `contained` or
+    `call_contained`, which turn it into this.
+    """
+
+    def __init__(self, exit: SystemExit) -> None:
+        super().__init__(str(exit))
+        self.exit = exit
+
+
+async def contained(awaitable: Any) -> Any:
+    """Await a plugin's awaitable; its SystemExit becomes PluginExited (see there)."""
+    try:
+        return await awaitable
+    except SystemExit as exc:
+        raise PluginExited(exc) from exc
+
+
+def call_contained(function: Callable[..., Any], *args: Any) -> Any:
+    """Call a plugin's function (in a worker thread); its SystemExit becomes PluginExited."""
+    try:
+        return function(*args)
+    except SystemExit as exc:
+        raise PluginExited(exc) from exc
+
+
 @dataclass
 class PluginInfo:
     """What `chatforge plugins` shows about one plugin."""
@@ -298,12 +349,16 @@ class PluginHost:
                               timeout: float) -> tuple[bool, Any]:
         """Call a plugin's function in a worker thread; (False, None) if it raised or timed out."""
         try:
-            return True, await asyncio.wait_for(asyncio.to_thread(function, *args), timeout)
+            return True, await asyncio.wait_for(asyncio.to_thread(call_contained, function, *args), timeout)
         except (SkillError, PluginError):
             raise
+        except PluginExited as exc:
+            self.report(plugin, where, exc.exit)
         except asyncio.TimeoutError:
             self.report(plugin, where, TimeoutError(f"no answer within {timeout:g} s (limits.hook_timeout)"))
-        except Exception as exc:  # noqa: BLE001
+        except BaseException as exc:  # noqa: BLE001 - SystemExit too: see is_plugin_fault
+            if not is_plugin_fault(exc):
+                raise
             self.report(plugin, where, exc)
         return False, None
 
@@ -317,11 +372,17 @@ class PluginHost:
                 yield impl.plugin_name, result
 
     async def acall_first(self, hook_name: str, timeout: float, **kwargs: Any) -> tuple[str | None, Any]:
-        """Call implementations (as `aiter_call` does) until one returns something other than None."""
+        """Call implementations (as `aiter_call` does) until one returns something other than None.
+
+        One that fails ends the search too, with `FAILED` as its result: the
+        message was perhaps meant for it, so it is not passed on to the next.
+        """
         for impl in self.implementations(hook_name):
             ok, result = await self.run_plugin_code(impl.plugin_name, hook_name, impl.function,
                                                     self._arguments(impl, kwargs), timeout)
-            if ok and result is not None:
+            if not ok:
+                return impl.plugin_name, FAILED
+            if result is not None:
                 return impl.plugin_name, result
         return None, None
 
@@ -331,7 +392,9 @@ class PluginHost:
             return True, impl.function(*args)
         except (SkillError, PluginError):
             raise  # a message for the user (handled by the engine), or strict mode's stop
-        except Exception as exc:  # noqa: BLE001 - isolating plugin faults is the point
+        except BaseException as exc:  # noqa: BLE001 - isolating plugin faults is the point
+            if not is_plugin_fault(exc):
+                raise
             self.report(impl.plugin_name, hook_name, exc)
             return False, None
 

@@ -254,3 +254,72 @@ def test_a_line_over_4_mib_gets_a_polite_refusal_and_later_lines_are_answered(cl
     assert replies[1] == ("Your message is 5,242,880 characters long; I read at most 4,000. "
                           "Please send a shorter one.")
     assert "Traceback" not in result.stderr
+
+
+# ---------------------------------------------------------------- plugin faults, with and without --strict
+
+FAULTY_PLUGIN = '''
+import argparse
+from chatforge import hookimpl
+
+def boom(ctx):
+    raise ValueError("boom went the command")
+
+def opts(ctx):
+    parser = argparse.ArgumentParser(prog="/opts")
+    parser.add_argument("--n", type=int)
+    return f"n is {parser.parse_args(ctx.args.split()).n}"
+
+def leave(ctx):
+    raise SystemExit(3)
+
+@hookimpl
+def chatforge_register_commands(register):
+    register("boom", boom, help="raise")
+    register("opts", opts, help="parse options like a CLI", usage="--n N")
+    register("leave", leave, help="raise SystemExit")
+
+@hookimpl
+def chatforge_handle_text(message):
+    if message.text.startswith("claim"):
+        raise RuntimeError("the handler broke")
+'''
+
+
+@pytest.fixture
+def faulty_config(tiny_config):
+    (tiny_config.parent / "faulty.py").write_text(FAULTY_PLUGIN)
+    with tiny_config.open("a") as config:
+        config.write("plugins:\n  faulty:\n    module: faulty.py\n")
+    return tiny_config
+
+
+def test_without_strict_a_failing_plugin_is_named_in_the_apology_and_the_bot_goes_on(cli, faulty_config):
+    result = cli("chat", "--json", "-c", str(faulty_config), stdin="/boom\nclaim this\n/help\n")
+    assert result.returncode == 0, result.stderr
+    import json
+
+    replies = [json.loads(line)["reply"] for line in result.stdout.splitlines()]
+    assert replies[0] == "Sorry, something went wrong while answering (the faulty plugin failed). Please try again."
+    assert replies[1] == replies[0]  # a broken free-text handler is not silently passed over to the model
+    assert replies[2].startswith("Commands:")
+    assert "plugin 'faulty' failed in chatforge_handle_text: RuntimeError: the handler broke" in result.stderr
+
+
+@pytest.mark.parametrize("line, where", [("/boom", "/boom: ValueError: boom went the command"),
+                                         ("claim this", "chatforge_handle_text: RuntimeError: the handler broke")])
+def test_strict_mode_stops_with_status_1_naming_the_plugin(cli, faulty_config, line, where):
+    result = cli("chat", "--strict", "-c", str(faulty_config), stdin=f"{line}\n/help\n")
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    assert f"chatforge: plugin 'faulty' failed in {where}" in result.stderr
+    assert "Commands:" not in result.stdout and "Traceback" not in result.stderr
+
+
+def test_a_plugin_that_exits_is_a_plugin_failure_not_the_end_of_the_bot(cli, faulty_config):
+    result = cli("chat", "-c", str(faulty_config), stdin="/opts --n 4\n/opts --n notanumber\n/leave\n/help\n")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert out.startswith("n is 4\n")
+    assert out.count("(the faulty plugin failed)") == 2 and "Commands:" in out
+    assert "plugin 'faulty' failed in /opts: SystemExit: 2" in result.stderr
+    assert "plugin 'faulty' failed in /leave: SystemExit: 3" in result.stderr

@@ -100,10 +100,10 @@ def test_a_hanging_plugin_is_given_up_on_and_the_chat_goes_on(caplog):
                                             chatforge_register_commands=chatforge_register_commands)},
                    strict=False)
     started = time.monotonic()
+    apology = "Sorry, something went wrong while answering (the hangs plugin failed). Please try again."
     with caplog.at_level(logging.ERROR):
-        assert bot.ask("hello") == "echo: hello"
-        assert bot.ask("/stuck") == "Sorry, something went wrong while answering (the hangs plugin failed). " \
-                                    "Please try again."
+        assert bot.ask("hello") == apology  # a free-text handler that fails (or hangs) is answered for
+        assert bot.ask("/stuck") == apology
     assert time.monotonic() - started < 2.5
     errors = [r.getMessage() for r in caplog.records if "'hangs'" in r.getMessage()]
     assert len(errors) == 2 and all("no answer within 0.3 s (limits.hook_timeout)" in e for e in errors)
