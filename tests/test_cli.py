@@ -323,3 +323,30 @@ def test_a_plugin_that_exits_is_a_plugin_failure_not_the_end_of_the_bot(cli, fau
     assert out.count("(the faulty plugin failed)") == 2 and "Commands:" in out
     assert "plugin 'faulty' failed in /opts: SystemExit: 2" in result.stderr
     assert "plugin 'faulty' failed in /leave: SystemExit: 3" in result.stderr
+
+
+FAILING_ADAPTER = '''
+import asyncio
+from chatforge import hookimpl
+from chatforge.adapter import Adapter
+
+class Flaky(Adapter):
+    name = "flaky"
+
+    async def run(self):
+        await asyncio.sleep(0.2)
+        raise ConnectionError("the platform went away for good")
+
+@hookimpl
+def chatforge_register_adapters(register):
+    register(Flaky)
+'''
+
+
+def test_an_adapter_that_fails_for_good_stops_the_bot_with_status_1(cli, tiny_config):
+    (tiny_config.parent / "flaky.py").write_text(FAILING_ADAPTER)
+    with tiny_config.open("a") as config:
+        config.write("plugins:\n  flaky:\n    module: flaky.py\n")
+    result = cli("run", "--adapter", "flaky", "--adapter", "console", "-c", str(tiny_config), stdin="")
+    assert result.returncode == 1, result.stderr
+    assert "chatforge: the flaky adapter stopped: ConnectionError: the platform went away for good" in result.stderr
