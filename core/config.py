@@ -58,6 +58,13 @@ class ConfigError(Exception):
         super().__init__("\n".join(issue.format(filename) for issue in self.issues))
 
 
+class UsageError(Exception):
+    """A wrong command-line argument (`--adapter slack`): blamed on the command line, not on a config file.
+
+    `chatforge` prints each line after "chatforge: " and exits with status 2, as for a config error.
+    """
+
+
 # ---------------------------------------------------------------- field types
 
 def _positive_int(value: Any) -> Any:
@@ -344,7 +351,7 @@ _PLAIN_MESSAGES = {
     "dict_type": "must be a mapping of keys to values",
 }
 _EMPTY = "must not be empty"
-"""For a length of at least 1: the value is shown by saying so."""
+"""What a minimum length of 1 means (the empty value is then not repeated)."""
 
 
 def issues_from_validation(
@@ -483,27 +490,34 @@ def _with_defaults_for_errors(data: dict[str, Any], error: ValidationError) -> S
     """
     data = copy.deepcopy(data)
     while True:
-        for item in error.errors():
-            if not _remove(data, item["loc"]):
-                return None
+        keys = {_rejected_key(data, item["loc"]) for item in error.errors()}
+        if None in keys:
+            return None
+        for key in keys:
+            _delete(data, key)
         try:
             return Settings.model_validate(data)
         except ValidationError as again:
             error = again
 
 
-def _remove(data: dict[str, Any], loc: tuple[Any, ...]) -> bool:
-    """Delete the deepest mapping key along `loc` (a list item takes its whole list); False if none is there."""
+def _rejected_key(data: dict[str, Any], loc: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    """The path of the deepest mapping key along `loc` (for a list item, its list's), or None."""
     node: Any = data
-    parent, key = None, None
+    found: tuple[Any, ...] = ()
     for part in loc:
         if not isinstance(node, dict) or part not in node:
             break
-        parent, key, node = node, part, node[part]
-    if parent is None:
-        return False
-    del parent[key]
-    return True
+        node, found = node[part], (*found, part)
+    return found or None
+
+
+def _delete(data: dict[str, Any], key: tuple[Any, ...]) -> None:
+    node: Any = data
+    for part in key[:-1]:
+        node = node.get(part) if isinstance(node, dict) else None
+    if isinstance(node, dict):
+        node.pop(key[-1], None)
 
 
 def locate(issues: list[ConfigIssue], lines: dict[str, int]) -> list[ConfigIssue]:

@@ -754,6 +754,12 @@ adapters:
     assert settings.lines["adapters.discord.respond_to"] == 17
 
 
+def test_two_wrong_items_of_a_list_leave_the_rest_of_the_section_alone(tmp_path):
+    error = load_error(tmp_path, "memory:\n  max_turns: 4\n  redact: [mail, fone]\n")
+    assert [issue.path for issue in error.issues] == ["memory.redact.0", "memory.redact.1"]
+    assert error.settings.memory.max_turns == 4 and error.settings.memory.redact == []
+
+
 def test_settings_remember_which_environment_variables_a_value_came_from(tmp_path, monkeypatch):
     monkeypatch.delenv("CF_TEST_TOKEN", raising=False)
     monkeypatch.setenv("CF_TEST_HOST", "h")
