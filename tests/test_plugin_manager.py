@@ -237,7 +237,15 @@ def test_plugins_command_lists_an_entry_point_that_raises_and_chat_still_runs(cl
 
 
 def test_plugins_command_shows_the_installed_example_with_its_distribution(cli, tmp_path):
-    pytest.importorskip("chatforge_dice", reason="make setup installs examples/dice")
+    pytest.importorskip("chatforge_dice", reason="make test installs examples/dice into .venv/test-plugins")
     listing = cli("plugins", "-c", str(write_config(tmp_path, "{}")))
     assert "dice  [entry point: chatforge-dice 0.1.0 (chatforge_dice)]" in listing.stdout
     assert "  commands: /roll, /rolls" in listing.stdout
+
+
+def test_the_example_plugin_is_installed_for_the_tests_only(cli, tmp_path):
+    """`make chat` uses the venv without the tests' plugin folder: a newcomer's bot has no /roll."""
+    env = {"PYTHONPATH": ""}
+    listing = cli("plugins", "-c", str(write_config(tmp_path, "{}")), env=env)
+    assert listing.returncode == 0 and "core  [builtin" in listing.stdout
+    assert "chatforge-dice" not in listing.stdout and "/roll" not in listing.stdout
