@@ -346,6 +346,7 @@ _PLAIN_MESSAGES = {
     "bool_parsing": "must be true or false",
     "bool_type": "must be true or false",
     "int_from_float": "must be a valid integer",
+    "int_parsing": "must be a valid integer",
     "model_type": "must be a mapping of keys to values",
     "model_attributes_type": "must be a mapping of keys to values",
     "dict_type": "must be a mapping of keys to values",
