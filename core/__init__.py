@@ -14,6 +14,7 @@ from .commands import CommandContext
 from .config import ConfigError
 from .config import StrictModel as PluginConfig
 from .hookspecs import PROJECT_NAME, hookimpl
+from .language import Detection, detect_language
 from .memory import Turn
 from .message import Message, Reply
 from .skill import Lazy, SkillError, Trigger, check_length, match_trigger, require
@@ -24,10 +25,12 @@ __all__ = [
     "PROJECT_NAME",
     "CommandContext",
     "ConfigError",
+    "Detection",
     "Lazy",
     "SkillError",
     "Trigger",
     "check_length",
+    "detect_language",
     "match_trigger",
     "require",
     "Message",
