@@ -7,12 +7,18 @@ heartbeat; replies to different conversations are decoded together there
 are held back until it is certain they are not the start of a stop sequence.
 Each conversation's attention cache is kept between turns (core/kv_cache.py),
 so a follow-up computes only its new tokens before answering.
+
+Sampling settings the user left unset come from the model when it recommends
+some (the embedded SmolLM2 does), else from chatforge's defaults. A reply cut
+by `max_new_tokens` is ended where a reader can tell: at its last sentence, or
+with "…" (always "…" when streamed, since text already shown stays shown).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
 
 from .config import GeneratorConfig
@@ -73,7 +79,7 @@ class TransformersGenerator:
         self.prompt_cache: PromptCache | None = None
         if config.kv_cache:
             self.prompt_cache = PromptCache(config.kv_cache_conversations, int(config.kv_cache_mb * 2**20))
-        sampling = Sampling(config.temperature, config.top_p, config.top_k, config.repetition_penalty, config.seed)
+        sampling = Sampling(**sampling_settings(config, loaded.sampling, loaded.name), seed=config.seed)
         self.batcher = ContinuousBatcher(
             self.model, sampling, _eos_token_ids(self.model, self.tokenizer), config.max_batch,
             self.prompt_cache, lambda: _new_cache(self.model),
@@ -106,18 +112,66 @@ class TransformersGenerator:
         # is sent from here, on the event loop, so it arrives before this returns.
         streamer.emit = on_text
         streamer.end()
+        text = streamer.final_text()
+        if len(streamer.ids) >= max_new_tokens and not streamer.stopped:  # the limit, not EOS or a stop, ended it
+            ended = end_cut_reply(text, streamed=on_text is not None)
+            if on_text is not None and len(ended) > len(text):
+                on_text(ended[len(text):])
+            text = ended
         self.last_stats = stats
         self.generated_tokens += stats.new_tokens
         log.debug("generated %d tokens in %.2f s (%.1f tokens/s after the first at %.2f s; %d of %d prompt "
                   "tokens reused; batch of %d)", stats.new_tokens, stats.seconds, stats.tokens_per_second,
                   stats.first_token_seconds, stats.reused_tokens, stats.prompt_tokens, stats.batch_size)
-        return streamer.final_text()
+        return text
 
     def close(self) -> None:
         """Stop the generations in progress (at their next token), drop queued ones, free the thread and caches."""
         self.batcher.close()
         if self.prompt_cache is not None:
             self.prompt_cache.clear()
+
+
+SAMPLING_KEYS = ("temperature", "top_p", "top_k", "repetition_penalty")
+
+
+def sampling_settings(config: GeneratorConfig, recommended: dict[str, float], model_name: str) -> dict[str, Any]:
+    """Each sampling setting from the config if the user set it, else the model's recommendation if it has
+    one, else chatforge's default; logged once at INFO, saying which came from where."""
+    chosen: dict[str, Any] = {}
+    origin: dict[str, list[str]] = {}
+    for key in SAMPLING_KEYS:
+        from_model = key in recommended and key not in config.model_fields_set
+        chosen[key] = recommended[key] if from_model else getattr(config, key)
+        origin.setdefault(f"recommended for {model_name}" if from_model else "config", []).append(
+            f"{key} {chosen[key]:g}")
+    log.info("sampling: %s", "; ".join(f"{', '.join(keys)} ({where})" for where, keys in origin.items()))
+    return chosen
+
+
+_SENTENCE_END = re.compile(r"""(?:(?<!\d)\.|[!?…。！？])["'”’)\]]*(?=\s|$)|\n""")
+"""The end of a sentence (its closing quotes or brackets included), or a line break. A full stop after a
+digit is not one: "105.4", "1. the Louvre"."""
+
+
+def end_cut_reply(text: str, streamed: bool) -> str:
+    """A reply the token limit cut, ended so that it reads as whole or visibly cut.
+
+    Unstreamed, it goes back to its last sentence end if that keeps at least half of it; otherwise, or
+    when streamed (shown text cannot be taken back), "…" marks the cut. A reply that already ends a
+    sentence is left alone.
+    """
+    text = text.rstrip()
+    if not text:
+        return text
+    ends = [match.end() for match in _SENTENCE_END.finditer(text)]
+    if ends and ends[-1] == len(text):
+        return text
+    if not streamed:
+        kept = [end for end in ends if end >= len(text) / 2]
+        if kept:
+            return text[:kept[-1]].rstrip()
+    return text + "…"
 
 
 def _declared_context(model: Any, tokenizer: Any) -> int:
@@ -164,16 +218,18 @@ class _StopAwareStreamer:
         self.emit = emit
         self.ids: list[int] = []
         self.sent = 0
+        self.stopped = False
+        """A stop sequence ended the reply."""
 
     def put(self, token: int) -> bool:
         """Take the next token (on the generator's thread); True once a stop sequence is complete."""
         self.ids.append(token)
         if self.emit is not None:
-            return self._emit(final=False)
-        if not self.stop_sequences:
-            return False
-        tail = self.tokenizer.decode(self.ids[-self.tail_tokens:], skip_special_tokens=True)
-        return any(stop in tail for stop in self.stop_sequences)
+            self.stopped = self._emit(final=False)
+        elif self.stop_sequences:
+            tail = self.tokenizer.decode(self.ids[-self.tail_tokens:], skip_special_tokens=True)
+            self.stopped = any(stop in tail for stop in self.stop_sequences)
+        return self.stopped
 
     def end(self) -> None:
         if self.emit is not None:

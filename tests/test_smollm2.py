@@ -44,6 +44,12 @@ def test_first_start_falls_back_and_converts_the_embedded_model(cli, offline_con
     assert "model 'gpt2' is not available offline" in warnings[0]
     assert "SmolLM2-135M-Instruct" in warnings[0]
     assert "converting SmolLM2-135M-Instruct.Q4_1.gguf to a cached copy" in result.stderr
+    # Each step is named as it starts (the first, reading the file, has no bar of its own), all on stderr.
+    steps = ["reading the tokenizer and settings...", "de-quantizing the weights...", "writing the cached copy..."]
+    positions = [result.stderr.find(f"chatforge:   {step}") for step in steps]
+    assert -1 not in positions and positions == sorted(positions), result.stderr
+    assert result.stderr.find("de-quantizing GGUF tensors") > positions[1]  # transformers' bar, under its step
+    assert "chatforge:" not in result.stdout and "%|" not in result.stdout
 
 
 def test_done_when_scenario_on_the_cached_model(cli, offline_config):
@@ -68,3 +74,28 @@ def test_a_gguf_file_can_be_configured_directly(cli, offline_config):
     assert result.returncode == 0, result.stderr
     assert "WARNING" not in result.stderr and "converting" not in result.stderr
     assert "Paris" in result.stdout
+
+
+def test_the_fallback_samples_with_its_model_cards_settings_unless_the_user_set_them(cli, offline_config):
+    """On a config that sets no sampling (as the shipped one), SmolLM2's own temperature 0.2 and top_p 0.9
+    apply, and it answers an English question in English; a value the user wrote wins."""
+    from chatforge.language import detect_language
+
+    folder = offline_config.parent
+    silent = folder / "silent.yaml"
+    silent.write_text(offline_config.read_text().replace("temperature: 0", "seed: 1"))
+    result = cli("chat", "-v", "-c", str(silent), stdin="What is the capital of France?\n")
+    assert result.returncode == 0, result.stderr
+    assert ("sampling: temperature 0.2, top_p 0.9 (recommended for SmolLM2-135M-Instruct.Q4_1); "
+            "top_k 50, repetition_penalty 1.1 (config)") in result.stderr
+    assert "sampling:" not in result.stdout and "chatforge:" not in result.stdout  # logs stay off stdout
+    reply = result.stdout.strip()
+    assert "Paris" in reply and detect_language(reply).code == "eng", reply
+    assert reply.endswith((".", "!", "?", "…"))
+
+    explicit = folder / "explicit.yaml"
+    explicit.write_text(offline_config.read_text().replace("temperature: 0", "temperature: 0.7\n  seed: 1"))
+    result = cli("chat", "-v", "-c", str(explicit), stdin="/history\n")
+    assert result.returncode == 0, result.stderr
+    assert ("sampling: temperature 0.7, top_k 50, repetition_penalty 1.1 (config); "
+            "top_p 0.9 (recommended for SmolLM2-135M-Instruct.Q4_1)") in result.stderr
