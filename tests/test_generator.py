@@ -361,7 +361,8 @@ def test_off_a_terminal_a_step_is_one_line():
 
 
 def test_a_conversion_reads_the_gguf_file_once(tmp_path):
-    """transformers parses the GGUF file's metadata for the tokenizer, the config and the weights (~4 s each)."""
+    """transformers parses the GGUF file's metadata for the tokenizer, the config and the weights (~4 s each),
+    and builds a tensor-name map for each of the model's ~400 modules."""
     import gguf
 
     from chatforge.model_loading import one_gguf_read
@@ -372,7 +373,13 @@ def test_a_conversion_reads_the_gguf_file_once(tmp_path):
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+    llama = gguf.MODEL_ARCH.LLAMA
     with one_gguf_read():
         first = gguf.GGUFReader(str(tmp_path / "t.gguf"))
         assert gguf.GGUFReader(str(tmp_path / "t.gguf")) is first
-    assert gguf.GGUFReader(str(tmp_path / "t.gguf")) is not first  # restored afterwards
+        name_map = gguf.get_tensor_name_map(llama, 30)
+        assert gguf.get_tensor_name_map(llama, 30) is name_map  # built once, not once per module (~9 s)
+        assert name_map.get_name("model.layers.0.self_attn.q_proj") == "blk.0.attn_q"
+    # Restored afterwards.
+    assert gguf.GGUFReader(str(tmp_path / "t.gguf")) is not first
+    assert gguf.get_tensor_name_map(llama, 30) is not name_map
