@@ -57,16 +57,14 @@ from chatforge import hookimpl
 
 @hookimpl
 def chatforge_startup(bot):
-    real = bot.generator.reply
-
     async def reply(history, text, on_text=None):
-        pieces = []
-        result = await real(history, text, pieces.append if on_text else None)
-        await asyncio.sleep(0.05)  # the pieces arrive through call_soon_threadsafe
-        for piece in pieces:
-            on_text(piece)
+        # 40 words, 0.05 s apart: a stream whose pace does not depend on what a random model writes
+        words = [f"word{index} " for index in range(40)]
+        for word in words:
+            if on_text is not None:
+                on_text(word)
             await asyncio.sleep(0.05)
-        return result
+        return "".join(words).strip()
 
     bot.generator.reply = reply
 '''
