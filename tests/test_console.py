@@ -37,6 +37,16 @@ def spawn(config) -> pexpect.spawn:
                          timeout=60, dimensions=(40, 200))
 
 
+def leave(child: pexpect.spawn) -> int:
+    """Ctrl-D at the prompt: the chat says goodbye and ends; its exit status."""
+    child.sendeof()
+    child.expect("Bye.")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.signalstatus is None
+    return child.exitstatus
+
+
 def test_terminal_chat_streams_replies_and_ends_on_ctrl_d(tty_config):
     child = spawn(tty_config)
     child.expect("Chatting with chatforge")
@@ -50,11 +60,7 @@ def test_terminal_chat_streams_replies_and_ends_on_ctrl_d(tty_config):
     child.sendline("/history")
     child.expect("You: hello there")
     child.expect_exact("me>")
-    child.sendeof()
-    child.expect("Bye.")
-    child.expect(pexpect.EOF)
-    child.close()
-    assert child.exitstatus == 0
+    assert leave(child) == 0
     assert "hello there" in (tty_config.parent / "history").read_text()  # line-editing history kept
 
 
@@ -67,11 +73,7 @@ def test_ctrl_c_at_the_prompt_clears_the_line_and_ctrl_d_leaves(tty_config):
     child.sendline("/history")
     child.expect("I don't remember anything of this conversation yet.")
     child.expect_exact("me>")
-    child.sendeof()
-    child.expect("Bye.")
-    child.expect(pexpect.EOF)
-    child.close()
-    assert child.exitstatus == 0
+    assert leave(child) == 0
     assert "half a thought" not in (tty_config.parent / "history").read_text()
 
 
@@ -117,11 +119,7 @@ def test_ctrl_c_during_a_streamed_reply_stops_it_and_returns_to_the_prompt(tty_c
     child.sendline("/history")  # the cut reply was dropped, and so was its question
     child.expect("I don't remember anything of this conversation yet.")
     child.expect_exact("me>")
-    child.sendeof()
-    child.expect("Bye.")
-    child.expect(pexpect.EOF)
-    child.close()
-    assert child.exitstatus == 0 and child.signalstatus is None
+    assert leave(child) == 0
     assert "word50" not in child.before
 
 
@@ -142,8 +140,5 @@ def test_the_line_history_is_redacted_and_emptied_by_forget(tty_config):
     child.sendline("/help")
     child.expect("chatforge> Commands:")
     child.expect_exact("me>")
-    child.sendeof()
-    child.expect(pexpect.EOF)
-    child.close()
-    assert child.exitstatus == 0
+    assert leave(child) == 0
     assert "/help" in history.read_text() and "sentiment" not in history.read_text()
