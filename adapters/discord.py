@@ -42,6 +42,7 @@ DiscordAdapter, are unaffected.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 from typing import Annotated, Any, Optional, Union
@@ -55,6 +56,7 @@ from pydantic import BeforeValidator, Field, field_validator
 
 from chatforge.adapter import Adapter, AdapterError, PlatformConfig
 from chatforge.delivery import RetryAfter, StreamingReply, keep_typing, split_message
+from chatforge.engine import Admission
 from chatforge.hookspecs import hookimpl
 from chatforge.message import Message
 
@@ -333,7 +335,10 @@ class DiscordAdapter(Adapter):
         incoming = self.to_message(message)
         if incoming is None:
             return
-        self.track(self._answer(message, incoming))
+        # Admitted on arrival, so a reply still being delivered counts toward limits.max_pending too.
+        admission = self.engine.admit(incoming)
+        if admission.admitted or admission.refusal is not None:  # a refusal ("busy"...) is said, without typing
+            self.track(self._answer(message, incoming, admission))
 
     def to_message(self, message: discord.Message) -> Message | None:
         """The neutral Message for a Discord message, or None when the bot should stay silent."""
@@ -385,7 +390,11 @@ class DiscordAdapter(Adapter):
             return None
         return f"{self.engine.command_prefix}{name} {match.group(2).strip()}".rstrip()
 
-    async def _answer(self, message: discord.Message, incoming: Message) -> None:
+    async def _answer(self, message: discord.Message, incoming: Message, admission: Admission) -> None:
+        with admission:  # the place is held until the reply is sent
+            await self._deliver(message, incoming, admission)
+
+    async def _deliver(self, message: discord.Message, incoming: Message, admission: Admission) -> None:
         channel = message.channel
 
         async def typing() -> None:
@@ -396,13 +405,14 @@ class DiscordAdapter(Adapter):
                                       mention_author=False)
 
         try:
-            async with keep_typing(typing, every=TYPING_EVERY):
+            showing = keep_typing(typing, every=TYPING_EVERY) if admission.admitted else contextlib.nullcontext()
+            async with showing:
                 if self.config.stream:
                     streaming = StreamingReply(send, _edit, interval=self.config.stream_interval, limit=LIMIT)
-                    reply = await self.engine.handle(incoming, on_text=streaming.on_text)
+                    reply = await self.engine.handle(incoming, on_text=streaming.on_text, admission=admission)
                     rest = await streaming.finish(reply.text if reply else "")
                 else:
-                    reply = await self.engine.handle(incoming)
+                    reply = await self.engine.handle(incoming, admission=admission)
             if not reply:
                 return
             if not self.config.stream:

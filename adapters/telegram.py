@@ -42,6 +42,7 @@ from chatforge import redaction
 from chatforge.adapter import Adapter, AdapterError, PlatformConfig
 from chatforge.delivery import RetryAfter as DeliveryRetryAfter
 from chatforge.delivery import StreamingReply, keep_typing, split_message
+from chatforge.engine import Admission
 from chatforge.hookspecs import hookimpl
 from chatforge.message import Message
 
@@ -309,8 +310,14 @@ class TelegramAdapter(Adapter):
         if message is None:
             return
         incoming = self.to_message(message, update)
-        if incoming is not None:
-            self.track(self._answer(message, incoming))
+        if incoming is None:
+            return
+        # Admitted on arrival: a message waiting for its chat's turn here counts toward limits.max_pending.
+        admission = self.engine.admit(incoming)
+        if admission.admitted:
+            self.track(self._answer(message, incoming, admission))
+        elif admission.refusal is not None:  # "busy" or "slow down": said at once, not after the queue
+            self.track(self._refuse(message, incoming, admission.refusal.text))
 
     async def _on_error(self, _update: object, context: ContextTypes.DEFAULT_TYPE) -> None:
         error = context.error
@@ -379,13 +386,23 @@ class TelegramAdapter(Adapter):
 
     # ------------------------------------------------------------ replying
 
-    async def _answer(self, message: telegram.Message, incoming: Message) -> None:
+    async def _refuse(self, message: telegram.Message, incoming: Message, text: str) -> None:
+        assert self.application is not None
+        thread_id = message.message_thread_id if message.is_topic_message else None
+        try:
+            await self._send(self.application.bot, message.chat.id, text, thread_id,
+                             ReplyParameters(message.message_id, allow_sending_without_reply=True))
+        except TelegramError as error:
+            log.warning("could not reply in chat %s: %s: %s", incoming.chat, type(error).__name__, error)
+
+    async def _answer(self, message: telegram.Message, incoming: Message, admission: Admission) -> None:
         key = (message.chat.id, message.message_thread_id if message.is_topic_message else None)
         lock, users = self._chat_locks.get(key, (asyncio.Lock(), 0))
         self._chat_locks[key] = (lock, users + 1)
         try:
-            async with lock:  # one reply at a time per chat, in the order the messages came
-                await self._reply(message, incoming)
+            with admission:  # the place is held until the reply is sent
+                async with lock:  # one reply at a time per chat, in the order the messages came
+                    await self._reply(message, incoming, admission)
         except TelegramError as error:  # blocked by the user, chat gone, Telegram down...
             log.warning("could not reply in chat %s: %s: %s", incoming.chat, type(error).__name__, error)
         except Exception:  # noqa: BLE001 - one failed reply must not stop the bot
@@ -397,7 +414,7 @@ class TelegramAdapter(Adapter):
             else:
                 del self._chat_locks[key]
 
-    async def _reply(self, message: telegram.Message, incoming: Message) -> None:
+    async def _reply(self, message: telegram.Message, incoming: Message, admission: Admission) -> None:
         assert self.application is not None
         bot = self.application.bot
         chat_id = message.chat.id
@@ -409,7 +426,7 @@ class TelegramAdapter(Adapter):
 
         if not self.config.stream:
             async with keep_typing(typing, every=4):
-                reply = await self.engine.handle(incoming)
+                reply = await self.engine.handle(incoming, admission=admission)
             if reply:
                 parts = split_message(reply.text, MESSAGE_LIMIT, measure=telegram_length)
                 for index, part in enumerate(parts):
@@ -431,7 +448,7 @@ class TelegramAdapter(Adapter):
         streaming: StreamingReply[telegram.Message] = StreamingReply(
             send, edit, interval=self.config.stream_interval, limit=MESSAGE_LIMIT)
         async with keep_typing(typing, every=4):
-            reply = await self.engine.handle(incoming, on_text=streaming.on_text)
+            reply = await self.engine.handle(incoming, on_text=streaming.on_text, admission=admission)
         if reply:
             for part in await streaming.finish(reply.text):
                 await self._send(bot, chat_id, part, thread_id, None)

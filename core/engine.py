@@ -19,6 +19,7 @@ import difflib
 import inspect
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from . import pii
@@ -26,7 +27,7 @@ from .commands import CommandContext, CommandRegistry, parse_command
 from .config import Settings
 from .delivery import split_message
 from .generator import OnText, TextGenerator
-from .guard import Busy, ConversationQueue, RateLimiter, clean_text, too_long
+from .guard import ConversationQueue, Place, RateLimiter, clean_text, too_long
 from .memory import MemoryStore, Turn, conversation_key
 from .message import Message, Reply
 from .plugin_manager import FAILED, PluginError, PluginExited, PluginHost, contained
@@ -34,6 +35,36 @@ from .prompt import window_start
 from .skill import SkillError
 
 log = logging.getLogger("chatforge.engine")
+
+
+BUSY = "I'm busy answering a lot of messages right now; please try again in a minute."
+
+
+@dataclass
+class Admission:
+    """What `Engine.admit` decided about an arriving message: a place in the queue, or a refusal.
+
+    Use it as a context manager (or call `release`) to give the place back once the reply is delivered.
+    """
+
+    message: Message
+    refusal: Reply | None = None
+    """The answer to a refused message ("busy", "slow down"...); None for a deliberate silence."""
+    place: Place | None = None
+
+    @property
+    def admitted(self) -> bool:
+        return self.place is not None
+
+    def release(self) -> None:
+        if self.place is not None:
+            self.place.release()
+
+    def __enter__(self) -> "Admission":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
 
 
 def apology(source: str) -> Reply:
@@ -51,6 +82,7 @@ class Engine:
         self.rate_limiter = RateLimiter(limits.rate_per_minute, limits.rate_burst)
         self.queue = ConversationQueue(limits.max_pending)
         self._told_to_wait: dict[str, float] = {}  # user -> until when they were told to slow down
+        self._told_busy: dict[str, float] = {}  # conversation -> until when it was told the bot is busy
         self.started_at = time.time()
         self.answered = 0
         self._purged_at = 0.0
@@ -146,32 +178,52 @@ class Engine:
         admins = self.settings.bot.admins
         return f"{message.platform}:{message.user}" in admins or f"{message.platform}:*" in admins
 
+    def admit(self, message: Message, *, rate_limit: bool = True) -> Admission:
+        """Check a message as it arrives, and give it a place among those waiting (`limits.max_pending`).
+
+        An adapter that holds messages before `handle` (Telegram answers a
+        chat's messages one at a time) calls this on arrival and passes the
+        admission to `handle`, so what waits in the adapter counts toward the
+        one bound; it releases the place once the reply is delivered (`with
+        admission:`). A refused message carries its answer ("busy", "slow
+        down", "too long") or None for a deliberate silence.
+        """
+        text = clean_text(message.text)
+        if not text:
+            return Admission(message, refusal=None)
+        limits = self.settings.limits
+        if len(text) > limits.max_message_chars:
+            return Admission(message, Reply(too_long(len(text), limits.max_message_chars),
+                                            source="engine", remember=False))
+        user = f"{message.platform}:{message.user}"
+        wait = self.rate_limiter.acquire(user) if rate_limit else 0
+        if wait:
+            return Admission(message, self._slow_down(user, wait))
+        message = message.replace(text=text)
+        place = self.queue.take_place()
+        if place is None:
+            return Admission(message, self._busy(self.conversation(message)))
+        return Admission(message, place=place)
+
     async def handle(self, message: Message, on_text: OnText | None = None, *,
-                     rate_limit: bool = True) -> Reply | None:
+                     rate_limit: bool = True, admission: Admission | None = None) -> Reply | None:
         """Answer one message. None means a deliberate silence (an empty message, a flood).
 
         Messages of one conversation are answered one at a time, in the order
         they came; other conversations go on meanwhile. `rate_limit=False` is for
         the operator's own console: per-user rate limits protect the bot from
-        remote users, not from the person running it.
+        remote users, not from the person running it. `admission` is what
+        `admit` gave when the message arrived; without one, it is admitted now.
         """
-        text = clean_text(message.text)
-        if not text:
-            return None
-        limits = self.settings.limits
-        if len(text) > limits.max_message_chars:
-            return Reply(too_long(len(text), limits.max_message_chars), source="engine", remember=False)
-        user = f"{message.platform}:{message.user}"
-        wait = self.rate_limiter.acquire(user) if rate_limit else 0
-        if wait:
-            return self._slow_down(user, wait)
-        message = message.replace(text=text)
+        own = admission is None
+        if admission is None:
+            admission = self.admit(message, rate_limit=rate_limit)
         try:
+            if not admission.admitted:
+                return admission.refusal
+            message = admission.message
             async with self.queue.turn(self.conversation(message)):
                 reply = await self._answer(message, on_text)
-        except Busy:
-            return Reply("I'm busy answering a lot of messages right now; please try again in a minute.",
-                         source="engine", remember=False)
         except PluginError as exc:  # strict mode: a plugin failed, the bot stops (see `stopped_by_plugin`)
             if self.fatal_error is None:
                 self.fatal_error = exc
@@ -180,6 +232,9 @@ class Engine:
         except Exception:  # noqa: BLE001 - a bug in chatforge must not kill the bot either
             log.exception("engine failed on a message from %s/%s", message.platform, message.chat)
             return apology("chatforge")
+        finally:
+            if own:
+                admission.release()
         self.answered += 1
         return reply if reply else None
 
@@ -188,6 +243,16 @@ class Engine:
         await self._fatal.wait()
         assert self.fatal_error is not None
         return self.fatal_error
+
+    def _busy(self, conversation: str) -> Reply | None:
+        """Say "busy" once a minute per conversation; a flood in one chat gets one answer, not thousands."""
+        now = time.monotonic()
+        if self._told_busy.get(conversation, 0) > now:
+            return None
+        self._told_busy[conversation] = now + 60
+        if len(self._told_busy) > 10_000:
+            self._told_busy = {key: until for key, until in self._told_busy.items() if until > now}
+        return Reply(BUSY, source="engine", remember=False)
 
     def _slow_down(self, user: str, wait: float) -> Reply | None:
         """Say "slow down" once per flood; stay silent for the rest of it."""

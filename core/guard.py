@@ -61,12 +61,28 @@ class RateLimiter:
         return wait
 
 
-class Busy(Exception):
-    """Too many messages are waiting; the user is asked to try again later."""
+class Place:
+    """One of the `max_pending` places: held from a message's arrival until its reply is delivered.
+
+    Releasing twice is harmless, so every path out of a message's handling may release it.
+    """
+
+    def __init__(self, queue: "ConversationQueue") -> None:
+        self._queue: ConversationQueue | None = queue
+
+    def release(self) -> None:
+        queue, self._queue = self._queue, None
+        if queue is not None:
+            queue.pending -= 1
 
 
 class ConversationQueue:
-    """One message at a time per conversation, first come first served; at most `max_pending` in all."""
+    """One message at a time per conversation, first come first served; at most `max_pending` in all.
+
+    `pending` counts every message holding a place, whether it waits in an
+    adapter (Telegram answers a chat's messages one at a time), waits for its
+    conversation's turn here, or is being answered and delivered.
+    """
 
     def __init__(self, max_pending: int) -> None:
         self.max_pending = max_pending
@@ -74,18 +90,22 @@ class ConversationQueue:
         self._locks: dict[str, asyncio.Lock] = {}
         self._waiting: dict[str, int] = {}
 
+    def take_place(self) -> Place | None:
+        """A place for one more message, or None when `max_pending` are already taken."""
+        if self.pending >= self.max_pending:
+            return None
+        self.pending += 1
+        return Place(self)
+
     @contextlib.asynccontextmanager
     async def turn(self, key: str) -> AsyncIterator[None]:
-        if self.pending >= self.max_pending:
-            raise Busy()
-        self.pending += 1
+        """Wait for the conversation's earlier messages; the caller already holds a place."""
         self._waiting[key] = self._waiting.get(key, 0) + 1
         lock = self._locks.setdefault(key, asyncio.Lock())
         try:
             async with lock:  # asyncio.Lock wakes waiters in the order they came
                 yield
         finally:
-            self.pending -= 1
             self._waiting[key] -= 1
             if not self._waiting[key]:  # nobody else queued: drop the lock, memory stays bounded
                 del self._waiting[key]

@@ -97,7 +97,8 @@ class Bot:
     """A `chatforge run` subprocess serving on the fake Discord."""
 
     def __init__(self, folder: Path, fake: FakeDiscord, adapter_yaml: str, plugins_yaml: str = "",
-                 token: str | None = TOKEN, model: Path | None = None, cache: Path | None = None) -> None:
+                 token: str | None = TOKEN, model: Path | None = None, cache: Path | None = None,
+                 limits_yaml: str = "") -> None:
         self.folder, self.fake = folder, fake
         self.config = folder / "config.yaml"
         self.config.write_text(textwrap.dedent(f"""
@@ -111,6 +112,7 @@ class Bot:
             limits:  # the tests talk faster than a person; rate limits have their own tests
               rate_per_minute: 100000
               rate_burst: 1000
+            """) + textwrap.indent(textwrap.dedent(limits_yaml), "  ") + textwrap.dedent("""
             plugins:
               discord:
                 module: chatforge.adapters.discord
@@ -654,3 +656,27 @@ def test_chatforge_run_keeps_trying_an_unreachable_discord_and_stops_on_sigterm(
     warnings = [line for line in running.stderr.splitlines() if "cannot reach Discord" in line]
     assert warnings[0].startswith("chatforge.adapters.discord: WARNING: cannot reach Discord (")
     assert "Traceback" not in running.stderr and TOKEN not in running.stderr
+
+
+def test_a_flood_in_one_channel_is_answered_busy_beyond_max_pending(tmp_path, tiny_gpt2, model_cache):
+    """Every message being answered or delivered counts toward limits.max_pending; one busy answer per flood."""
+    with FakeDiscord(TOKEN) as fake:
+        (tmp_path / "paced.py").write_text(PACED_PLUGIN)
+        running = Bot(tmp_path, fake, "respond_to: [all]\n", "paced:\n  module: ./paced.py\n",
+                      model=tiny_gpt2, cache=model_cache, limits_yaml="max_pending: 4\n")
+        try:
+            running.wait_ready()
+            since = fake.mark()
+            for n in range(120):
+                fake.dispatch_message(f"flood {n}", ALICE)
+            fake.wait_until(lambda: len([r for r in fake.sent_messages(CHANNEL_ID, since)
+                                         if content(r) == PACED_TEXT]) >= 4, REPLY_WITHIN, "the admitted answers")
+            time.sleep(3)  # an answer that was not admitted would have come by now (1.5 s each)
+            sent = [content(r) for r in fake.sent_messages(CHANNEL_ID, since)]
+        finally:
+            status = running.stop()
+        assert status == 0, running.stderr
+        assert sent.count(PACED_TEXT) == 4, sent
+        assert sent.count("I'm busy answering a lot of messages right now; please try again in a minute.") == 1
+        assert len(sent) == 5, sent
+        assert "Traceback" not in running.stderr

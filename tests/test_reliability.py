@@ -196,6 +196,38 @@ def test_a_full_queue_answers_busy():
     assert bot.engine.queue.pending == 0 and bot.ask("again") == "echo: again"
 
 
+def test_messages_held_by_an_adapter_count_toward_max_pending_until_released():
+    bot = make_bot({"limits": {"max_pending": 3}})
+    busy = "I'm busy answering a lot of messages right now; please try again in a minute."
+    held = [bot.engine.admit(bot.message(f"q{i}")) for i in range(3)]  # waiting in an adapter's own queue
+    assert all(admission.admitted for admission in held) and bot.engine.queue.pending == 3
+    assert bot.ask("one more") == busy
+    assert bot.ask("and another") is None  # said once per conversation and minute, not once per message
+    assert bot.ask("elsewhere", chat="other-chat") == busy  # another conversation is told too
+
+    async def answer(admission):
+        with admission:
+            return await bot.engine.handle(admission.message, admission=admission)
+
+    assert bot.engine.queue.pending == 3  # handle with an admission does not take a second place
+    replies = [bot._run(answer(admission)) for admission in held]
+    assert [reply.text for reply in replies] == ["echo: q0", "echo: q1", "echo: q2"]
+    assert bot.engine.queue.pending == 0
+    held[0].release()  # a second release is harmless
+    assert bot.engine.queue.pending == 0 and bot.ask("now") == "echo: now"
+
+
+def test_admission_refuses_on_arrival_what_handle_would_refuse():
+    bot = make_bot({"limits": {"rate_per_minute": 60, "rate_burst": 1, "max_message_chars": 10}})
+    assert not bot.engine.admit(bot.message("   ")).admitted and bot.engine.admit(bot.message(" ")).refusal is None
+    too_long = bot.engine.admit(bot.message("x" * 11))
+    assert not too_long.admitted and too_long.refusal.text.startswith("Your message is 11 characters long")
+    assert bot.engine.admit(bot.message("first")).admitted
+    flood = bot.engine.admit(bot.message("second"))
+    assert not flood.admitted and flood.refusal.text.startswith("You're sending messages faster")
+    assert bot.engine.queue.pending == 1
+
+
 def test_admin_only_commands():
     bot = make_bot({"bot": {"admins": ["test:boss"]}})
     assert bot.ask("/stats", user="mallory") == "Sorry, /stats is for the bot's admins."

@@ -441,3 +441,31 @@ def test_config_check_names_a_bad_telegram_key(cli, tmp_path, line, expected):
     result = cli("config", "check", cwd=tmp_path)
     assert result.returncode == 2, result.stderr
     assert expected in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_flood_in_one_chat_is_answered_busy_beyond_max_pending(tmp_path, tiny_gpt2, model_cache):
+    """Messages waiting for their chat's turn in the adapter count toward limits.max_pending."""
+    with FakeTelegram(TOKEN) as fake:
+        config = write_config(tmp_path, tiny_gpt2, model_cache, fake.base_url, plugins={"slow": SLOW_PLUGIN})
+        config.write_text(config.read_text().replace("limits:", "limits:\n  max_pending: 4", 1))
+        bot = Bot(config)
+        try:
+            wait_until_polling(fake, bot)
+            for n in range(200):  # one chat, one user, far more than the bound
+                fake.enqueue_message(f"flood {n}", chat_id=7001, user_id=7001)
+            busy = fake.wait_for(lambda: [text for text in texts(fake.sent_messages(7001)) if "busy" in text],
+                                 ANSWER, "a busy answer")
+            answered = fake.wait_for(
+                lambda: [text for text in texts(fake.sent_messages(7001)) if text.startswith("word0")][3:],
+                ANSWER, "the admitted messages' answers")
+            time.sleep(3)  # a reply that was not admitted would have come by now (2 s each)
+            sent = texts(fake.sent_messages(7001))
+            fake.enqueue_message("/help", chat_id=7002, user_id=7002)  # places are given back
+            fake.wait_for(lambda: fake.sent_messages(7002), ANSWER, "an answer after the flood")
+        finally:
+            status = bot.terminate()
+        assert status == 0, bot.stderr
+        assert len([text for text in sent if text.startswith("word0")]) == 4, sent
+        assert busy == ["I'm busy answering a lot of messages right now; please try again in a minute."]
+        assert len(sent) == 5, sent  # busy is said once per flood, not 196 times
+        assert "Traceback" not in bot.stderr
