@@ -14,6 +14,14 @@ with "\nUser:" and "\nBot:" as stop sequences, so the model never writes the
 user's next line. Newlines inside a message are flattened in the transcript,
 so a message cannot fake a role line.
 
+Text never becomes control tokens: a message, a stored turn or a skill's
+instruction that spells `<|im_start|>` or `<|endoftext|>` is encoded as those
+characters, so only the chat template's own markers are special ids (else a
+user could open a system turn, kept in every later prompt of the conversation,
+or end GPT-2's text). The transcript is encoded with special-token parsing off;
+the chat template with transformers' `sanitize_control_tokens`, which encodes
+control-token spellings found in the messages as plain text.
+
 Chat-template prompts open with a short greeting exchange (OPENING) when the
 user writes English, or nothing surer: small instruction models drift into the
 language of the topic otherwise (SmolLM2-135M, sampling at temperature 0.2,
@@ -34,10 +42,12 @@ on every turn.
 from __future__ import annotations
 
 import functools
+import inspect
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 from .memory import Turn
+from .model_loading import ModelLoadError
 
 USER_LABEL = "User"
 BOT_LABEL = "Bot"
@@ -97,6 +107,7 @@ class PromptBuilder:
         self.system_prompt = system_prompt
         self.uses_chat_template = bool(getattr(tokenizer, "chat_template", None))
         if self.uses_chat_template:
+            _require_sanitizing(tokenizer)
             _sure_language("Hello, how are you?")  # load langid (~1.5 s) now rather than on the first message
         self.prompt_budget = max(16, context_window - max_new_tokens)
         self.history_tokens = history_tokens
@@ -137,8 +148,7 @@ class PromptBuilder:
 
     def _clip(self, text: str, excess_tokens: int) -> str:
         """Drop the start of an over-long message so the prompt fits, keeping its end."""
-        ids = self.tokenizer.encode(text, add_special_tokens=False)
-        return self.tokenizer.decode(ids[excess_tokens + 8:])
+        return self.tokenizer.decode(_text_ids(self.tokenizer, text)[excess_tokens + 8:])
 
     def _render(self, turns: Sequence[Turn], text: str) -> list[int]:
         if self.uses_chat_template:
@@ -148,7 +158,7 @@ class PromptBuilder:
             lines.append(f"{USER_LABEL if turn.role == 'user' else BOT_LABEL}: {_one_line(turn.text)}")
         lines.append(f"{USER_LABEL}: {_one_line(text)}")
         lines.append(f"{BOT_LABEL}:")
-        return self.tokenizer.encode("\n".join(lines), add_special_tokens=False)
+        return _text_ids(self.tokenizer, "\n".join(lines))  # a transcript has no markers: all of it is text
 
     def _render_chat(self, turns: Sequence[Turn], text: str) -> list[int]:
         opening = OPENING if writes_english(turns, text) else []
@@ -157,18 +167,36 @@ class PromptBuilder:
         if self.system_prompt.strip():
             messages.insert(0, {"role": "system", "content": self.system_prompt.strip()})
         try:
-            encoded = self.tokenizer.apply_chat_template(
-                messages, add_generation_prompt=True, tokenize=True, return_dict=True
-            )
+            return self._apply_template(messages)
         except Exception:  # noqa: BLE001 - some templates refuse a system role
             if messages[0]["role"] != "system":
                 raise
             system = messages.pop(0)["content"]
             messages[0] = {"role": messages[0]["role"], "content": f"{system}\n\n{messages[0]['content']}"}
-            encoded = self.tokenizer.apply_chat_template(
-                messages, add_generation_prompt=True, tokenize=True, return_dict=True
-            )
+            return self._apply_template(messages)
+
+    def _apply_template(self, messages: list[dict[str, str]]) -> list[int]:
+        """The template's markers as special ids, the messages' text (control-token spellings too) as text."""
+        encoded = self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, return_dict=True, sanitize_control_tokens=True
+        )
         return list(encoded["input_ids"])
+
+
+def _require_sanitizing(tokenizer: Any) -> None:
+    """Refuse a chat template that would encode user text's control-token spellings as control tokens: older
+    transformers pass the unknown `sanitize_control_tokens` on to the template and ignore it."""
+    if "sanitize_control_tokens" not in inspect.signature(tokenizer.apply_chat_template).parameters:
+        raise ModelLoadError(
+            f"this transformers ({type(tokenizer).__name__}) cannot keep control tokens such as <|im_start|> in "
+            "users' messages as plain text (apply_chat_template has no sanitize_control_tokens); upgrade it: "
+            "pip install -U 'transformers>=5.24,<6'"
+        )
+
+
+def _text_ids(tokenizer: Any, text: str) -> list[int]:
+    """`text`'s token ids with special-token spellings ("<|endoftext|>") encoded as the characters they are."""
+    return tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
 
 
 def _one_line(text: str) -> str:
