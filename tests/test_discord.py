@@ -112,7 +112,7 @@ class Bot:
             limits:  # the tests talk faster than a person; rate limits have their own tests
               rate_per_minute: 100000
               rate_burst: 1000
-            """) + textwrap.indent(textwrap.dedent(limits_yaml), "  ") + textwrap.dedent("""
+            """) + textwrap.indent(textwrap.dedent(limits_yaml), "  ") + textwrap.dedent("""\
             plugins:
               discord:
                 module: chatforge.adapters.discord
