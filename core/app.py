@@ -12,7 +12,7 @@ from .adapter import Adapter, AdapterError
 from .config import ConfigError, ConfigIssue, GeneratorConfig, Settings, UsageError, locate
 from .engine import Engine
 from .generator import TextGenerator, TransformersGenerator
-from .memory import InMemoryMemory, MemoryStore, SQLiteMemory
+from .memory import InMemoryMemory, MemoryFileError, MemoryStore, SQLiteMemory
 from .model_loading import load_model
 from .plugin_manager import PluginError, PluginHost
 from .prompt import trim_step
@@ -33,9 +33,13 @@ def load_plugins(settings: Settings, strict: bool = False) -> PluginHost:
 
 
 def create_memory(settings: Settings) -> MemoryStore:
+    """The configured memory; a file that cannot be used is a UsageError naming `memory.path` (exit status 2)."""
     if settings.memory.backend == "memory":
         return InMemoryMemory()
-    return SQLiteMemory(settings.resolve_path(settings.memory.path))
+    try:
+        return SQLiteMemory(settings.resolve_path(settings.memory.path))
+    except MemoryFileError as exc:
+        raise UsageError(f"memory.path: {exc}") from None
 
 
 def create_generator(settings: Settings) -> TextGenerator:
@@ -84,13 +88,18 @@ def create_engine(
     generator: TextGenerator | None = None,
     memory: MemoryStore | None = None,
 ) -> Engine:
-    """An engine with its generator and memory; plugins' startup hooks have run."""
-    engine = Engine(
-        settings,
-        host,
-        generator if generator is not None else create_generator(settings),
-        memory if memory is not None else create_memory(settings),
-    )
+    """An engine with its generator and memory; plugins' startup hooks have run.
+
+    The memory opens first: a bad memory file should cost a second, not a model load.
+    """
+    opened = memory is None
+    memory = memory if memory is not None else create_memory(settings)
+    try:
+        engine = Engine(settings, host, generator if generator is not None else create_generator(settings), memory)
+    except BaseException:
+        if opened:
+            memory.close()
+        raise
     host.call("chatforge_startup", bot=engine)
     return engine
 

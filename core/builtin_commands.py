@@ -26,6 +26,15 @@ def help_command(ctx: CommandContext) -> str:
     return "\n".join(lines)
 
 
+def _speaker(ctx: CommandContext, turn) -> str:
+    """Who said a line: "You", another member of a shared conversation by name, or the bot."""
+    if turn.role == "assistant":
+        return ctx.bot.name
+    if not turn.user or turn.user == ctx.message.user:
+        return "You"
+    return turn.display_name or turn.user
+
+
 def history_command(ctx: CommandContext) -> str:
     if ctx.args.strip().lower() == "all":
         return _everything(ctx)
@@ -34,9 +43,12 @@ def history_command(ctx: CommandContext) -> str:
         lines = ["I don't remember anything of this conversation yet."]
     else:
         lines = [f"I remember {_plural(len(turns), 'turn')} of this conversation:"]
-        lines += [f"{'You' if turn.role == 'user' else ctx.bot.name}: {turn.text}" for turn in turns]
+        lines += [f"{_speaker(ctx, turn)}: {turn.text}" for turn in turns]
     here = ctx.bot.conversation(ctx.message)
-    elsewhere = {key for key, _ in ctx.bot.about_user(ctx.message) if key != here}
+    try:
+        elsewhere = {key for key, _ in ctx.bot.about_user(ctx.message) if key != here}
+    except Exception:  # noqa: BLE001 - a damaged page elsewhere in the file (warned at start) must not hide this one
+        elsewhere = set()
     if elsewhere:
         lines.append(f"I also keep turns of yours from {_plural(len(elsewhere), 'other chat')}: "
                      f"{ctx.bot.command_prefix}history all shows everything.")
@@ -55,15 +67,25 @@ def _everything(ctx: CommandContext) -> str:
             _platform, chat, thread, _user = json.loads(key)
             lines.append(f"[chat {chat}{f', thread {thread}' if thread else ''}]")
         when = time.strftime("%Y-%m-%d %H:%M", time.gmtime(turn.created_at))
-        lines.append(f"{when} {'You' if turn.role == 'user' else ctx.bot.name}: {turn.text}")
+        lines.append(f"{when} {_speaker(ctx, turn)}: {turn.text}")
     lines.append(f"{ctx.bot.command_prefix}forget deletes all of it.")
     return "\n".join(lines)
 
 
 def reset_command(ctx: CommandContext) -> str:
-    forgotten = ctx.bot.forget(ctx.message)
+    """Forget the conversation; in a group's shared one, a member forgets only their own part of it."""
+    bot, message = ctx.bot, ctx.message
+    if bot.shared(message) and not bot.is_admin(message):
+        forgotten = bot.forget(message, only_sender=True)
+        if not forgotten:
+            return "There was nothing of yours to forget in this shared conversation."
+        return (f"Done: I forgot your {_plural(forgotten, 'turn')} of this shared conversation; other people's "
+                f"turns stay (an admin's {bot.command_prefix}reset clears it for everyone).")
+    forgotten = bot.forget(message)
     if not forgotten:
         return "There was nothing to forget: this conversation is already empty."
+    if bot.shared(message):
+        return f"Done: I forgot this shared conversation for everyone ({_plural(forgotten, 'turn')})."
     return f"Done: I forgot this conversation ({_plural(forgotten, 'turn')})."
 
 

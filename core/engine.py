@@ -124,9 +124,13 @@ class Engine:
         total = self.memory.count(key)
         return self.memory.recent(key, total - window_start(total, self.settings.memory.max_turns))
 
-    def forget(self, message: Message) -> int:
-        """Forget the conversation; returns how many turns were deleted."""
-        return self.memory.forget(self.conversation(message))
+    def shared(self, message: Message) -> bool:
+        """Whether the conversation is a group's (`memory.scope: chat` outside a private chat): not the sender's alone."""
+        return self.settings.memory.scope == "chat" and not message.direct
+
+    def forget(self, message: Message, only_sender: bool = False) -> int:
+        """Forget the conversation, or with `only_sender` just the sender's lines and the replies to them; how many."""
+        return self.memory.forget(self.conversation(message), message.user if only_sender else None)
 
     def about_user(self, message: Message) -> list[tuple[str, Turn]]:
         """Everything remembered about the sender on this platform, in every chat."""
@@ -375,7 +379,8 @@ class Engine:
             self.memory.add(key,
                             Turn("user", self.private(message.text), now, message.user, message.display_name,
                                  dict(message.meta)),
-                            Turn("assistant", self.private(reply.text), now, "", self.name))
+                            Turn("assistant", self.private(reply.text), now, "", self.name,
+                                 reply_to=message.user))
             self.purge_expired()
         except Exception as exc:  # noqa: BLE001 - a full disk must not stop the reply
             log.error("could not save the conversation turn: %s: %s", type(exc).__name__, exc)

@@ -4,11 +4,16 @@ A conversation is identified by (platform, chat, thread, user); with
 `scope: chat` the user is left out so a whole group chat shares one memory.
 `SQLiteMemory` is the default (one file, WAL, every turn committed as it is
 added); `InMemoryMemory` is for tests and throw-away sessions.
+
+In a shared conversation each line still has an owner: a user line is its
+speaker's, a bot line belongs to the person it answered (`Turn.reply_to`).
+That is what a member's /reset and anyone's /forget delete.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import threading
 import time
@@ -17,6 +22,8 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from .message import Message
+
+log = logging.getLogger("chatforge.memory")
 
 Role = Literal["user", "assistant"]
 
@@ -32,6 +39,17 @@ class Turn:
     display_name: str = ""
     meta: dict[str, Any] = field(default_factory=dict, compare=False)
     """What plugins noted about the message (e.g. its sentiment); kept as JSON."""
+    reply_to: str = ""
+    """For a bot line: the user it answered, so that the reply goes when that person is forgotten.
+
+    Files from before schema 3 did not record it; their bot lines get it from the
+    question stored with them where that is unambiguous (see MIGRATIONS).
+    """
+
+    @property
+    def owner(self) -> str:
+        """Whose line this is: the speaker's, or for a bot line the person it answered ("" if unknown)."""
+        return self.reply_to if self.role == "assistant" else self.user
 
 
 def conversation_key(message: Message, scope: Literal["user", "chat"] = "user") -> str:
@@ -52,11 +70,11 @@ class MemoryStore(Protocol):
     def count(self, key: str) -> int:
         """How many turns the conversation has."""
         ...
-    def forget(self, key: str) -> int:
-        """Delete the conversation; returns how many turns were deleted."""
+    def forget(self, key: str, user: str | None = None) -> int:
+        """Delete the conversation, or only `user`'s lines of it and the bot's replies to them; how many."""
         ...
     def about_user(self, platform: str, user: str) -> list[tuple[str, Turn]]:
-        """Every turn kept about a person: their own conversations whole, and their lines in shared ones."""
+        """Every turn kept about a person: their own conversations, their lines and replies to them in shared ones."""
         ...
     def forget_user(self, platform: str, user: str) -> int:
         """Delete everything `about_user` returns; how many turns were deleted."""
@@ -68,9 +86,9 @@ class MemoryStore(Protocol):
 
 
 def belongs_to(key: str, turn: Turn, platform: str, user: str) -> bool:
-    """Whether a turn is about this person: in their own conversation, or their line in a shared one."""
+    """Whether a turn is about this person: their own conversation, or their line or a reply to them in a shared one."""
     key_platform, _chat, _thread, key_user = json.loads(key)
-    return key_platform == platform and (key_user == user or (key_user is None and turn.user == user))
+    return key_platform == platform and (key_user == user or (key_user is None and turn.owner == user))
 
 
 class InMemoryMemory:
@@ -88,8 +106,10 @@ class InMemoryMemory:
     def count(self, key: str) -> int:
         return len(self._turns.get(key, []))
 
-    def forget(self, key: str) -> int:
-        return len(self._turns.pop(key, []))
+    def forget(self, key: str, user: str | None = None) -> int:
+        if user is None:
+            return len(self._turns.pop(key, []))
+        return self._remove(lambda turn_key, turn: turn_key == key and turn.owner == user)
 
     def about_user(self, platform: str, user: str) -> list[tuple[str, Turn]]:
         return [(key, turn) for key, turns in self._turns.items() for turn in turns
@@ -134,31 +154,120 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE turns ADD COLUMN meta TEXT NOT NULL DEFAULT '{}';
     """,
+    # Whom a bot line answered. Older bot lines get the speaker of the user line
+    # stored just before them in the same add() (the previous id, same conversation,
+    # same created_at: chatforge stored each question and its answer together);
+    # any other bot line stays '' (nobody's): only a whole-conversation /reset removes it.
+    """
+    ALTER TABLE turns ADD COLUMN reply_to TEXT NOT NULL DEFAULT '';
+    UPDATE turns SET reply_to = COALESCE((
+        SELECT question.user_id FROM turns AS question
+        WHERE question.id = turns.id - 1 AND question.conversation = turns.conversation
+          AND question.role = 'user' AND question.created_at = turns.created_at), '')
+    WHERE role = 'assistant';
+    """,
 ]
+
+# SQL for Turn.owner.
+_OWNER = "(CASE role WHEN 'assistant' THEN reply_to ELSE user_id END)"
+_COLUMNS = "role, text, created_at, user_id, display_name, meta, reply_to"
+
+
+def _turn(row: tuple) -> Turn:
+    return Turn(*row[:5], meta=json.loads(row[5]), reply_to=row[6])
+
+
+class MemoryFileError(RuntimeError):
+    """The memory file cannot be used: what is wrong with it and what to do, in one line."""
+
+    def __init__(self, path: Path, problem: str, advice: str) -> None:
+        super().__init__(f"{path}: {problem}; {advice}")
+
+
+_ELSEWHERE = "move it aside or point memory.path at another file"
+
+
+def _diagnose(path: Path, exc: BaseException) -> tuple[str, str]:
+    """What is wrong with a memory file that would not open, and what to do: SQLite's own words name neither."""
+    text = str(exc)
+    if path.is_dir():
+        return "is a folder, not a file", f"point memory.path at a file, e.g. {path / 'memory.sqlite3'}"
+    if isinstance(exc, OSError):
+        where = f": {exc.filename}" if exc.filename else ""
+        return f"cannot be created ({exc.strerror or exc}{where})", "point memory.path at a folder chatforge can write"
+    if "disk is full" in text:
+        return "cannot be written: the disk is full", "free some space or point memory.path at another disk"
+    if "disk I/O error" in text:
+        return ("cannot be written (disk I/O error): the disk may be full, over quota or failing",
+                "free some space, check the disk, or point memory.path at another disk")
+    if "readonly" in text or "unable to open" in text:
+        return (f"cannot be opened for writing ({text})",
+                "check the permissions of the file and its folder, or point memory.path elsewhere")
+    if "not a database" in text or "malformed" in text:
+        try:
+            with path.open("rb") as file:
+                header, size = file.read(100), path.stat().st_size
+        except OSError:
+            header, size = b"", 0
+        if not header.startswith(b"SQLite format 3\0"):
+            return "is not an SQLite database", _ELSEWHERE
+        expected = 100
+        if len(header) == 100 and header[24:28] == header[92:96]:  # the header's page count is valid
+            page_size = int.from_bytes(header[16:18], "big")
+            expected = (65536 if page_size == 1 else page_size) * int.from_bytes(header[28:32], "big")
+        if size < expected:
+            return f"is truncated ({size} of {expected} bytes)", _ELSEWHERE
+        return f"is damaged ({text})", f'try `sqlite3 {path} ".recover"` to save what can be read; or {_ELSEWHERE}'
+    return f"cannot be opened ({type(exc).__name__}: {text})", _ELSEWHERE
 
 
 class SQLiteMemory:
-    """Memory in one SQLite file, safe to share between the event loop and worker threads."""
+    """Memory in one SQLite file, safe to share between the event loop and worker threads.
+
+    A file that cannot be used raises MemoryFileError, which says why in one
+    line. Damaged pages found by `PRAGMA quick_check` at start are one warning:
+    the bot goes on with what can still be read rather than refuse to start.
+    """
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path).expanduser()
-        if str(path) != ":memory:":
-            self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
+        try:
+            self._open(in_memory=str(path) == ":memory:")
+        except BaseException as exc:
+            if hasattr(self, "_db"):
+                self._db.close()  # don't leak the connection (and the open file) on a refused file
+            if isinstance(exc, (sqlite3.Error, OSError)):
+                raise MemoryFileError(self.path, *_diagnose(self.path, exc)) from exc
+            raise
+
+    def _open(self, in_memory: bool) -> None:
+        if not in_memory:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
         # isolation_level=None: autocommit, so each add() is durable on return.
-        self._db = sqlite3.connect(
-            str(self.path) if str(path) != ":memory:" else ":memory:",
-            isolation_level=None,
-            check_same_thread=False,
-        )
+        self._db = sqlite3.connect(":memory:" if in_memory else str(self.path),
+                                   isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA busy_timeout=5000")
+        damage = self._quick_check()
+        if damage:
+            log.warning('memory.path: %s is damaged (%s); serving what can still be read. To keep it, stop chatforge, '
+                        'run `sqlite3 %s ".recover" | sqlite3 recovered.sqlite3` and point memory.path at the new '
+                        'file; or move the damaged one aside to start afresh', self.path, damage, self.path)
+        self._migrate()
+
+    def _quick_check(self) -> str:
+        """What `PRAGMA quick_check` finds wrong, "" if nothing. SQLite may raise after its first finding."""
+        found = []
         try:
-            self._migrate()
-        except BaseException:
-            self._db.close()  # don't leak the connection (and the open file) on a refused schema
-            raise
+            for (line,) in self._db.execute("PRAGMA quick_check(3)"):
+                found.append(" ".join(line.split()))
+        except sqlite3.OperationalError:
+            raise  # locked, I/O error: not damage, and reported as such
+        except sqlite3.DatabaseError as exc:
+            found.append(str(exc))
+        return "" if found == ["ok"] else "; ".join(found)
 
     @property
     def schema_version(self) -> int:
@@ -168,10 +277,8 @@ class SQLiteMemory:
         with self._lock:
             current = self.schema_version
             if current > len(MIGRATIONS):
-                raise RuntimeError(
-                    f"{self.path}: memory schema version {current} is newer than this "
-                    f"chatforge understands ({len(MIGRATIONS)}); upgrade chatforge"
-                )
+                raise MemoryFileError(self.path, f"was written by a newer chatforge (schema {current} > "
+                                      f"{len(MIGRATIONS)})", "upgrade chatforge, or point memory.path at another file")
             for version, script in enumerate(MIGRATIONS[current:], start=current + 1):
                 self._db.executescript(
                     f"BEGIN; {script}; PRAGMA user_version = {version}; COMMIT;"
@@ -179,13 +286,13 @@ class SQLiteMemory:
 
     def add(self, key: str, *turns: Turn) -> None:
         rows = [(key, turn.role, turn.text, turn.user, turn.display_name, turn.created_at or time.time(),
-                 json.dumps(turn.meta, default=str)) for turn in turns]
+                 json.dumps(turn.meta, default=str), turn.reply_to) for turn in turns]
         with self._lock:
             try:
                 self._db.execute("BEGIN IMMEDIATE")
                 self._db.executemany(
-                    "INSERT INTO turns (conversation, role, text, user_id, display_name, created_at, meta)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+                    "INSERT INTO turns (conversation, role, text, user_id, display_name, created_at, meta, reply_to)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
                 self._db.execute("COMMIT")  # durable when add() returns (synchronous=FULL)
             except BaseException:
                 if self._db.in_transaction:
@@ -197,32 +304,35 @@ class SQLiteMemory:
             return []
         with self._lock:
             rows = self._db.execute(
-                "SELECT role, text, created_at, user_id, display_name, meta FROM turns"
-                " WHERE conversation = ? ORDER BY id DESC LIMIT ?",
+                f"SELECT {_COLUMNS} FROM turns WHERE conversation = ? ORDER BY id DESC LIMIT ?",
                 (key, limit),
             ).fetchall()
-        return [Turn(*row[:5], meta=json.loads(row[5])) for row in reversed(rows)]
+        return [_turn(row) for row in reversed(rows)]
 
     def count(self, key: str) -> int:
         with self._lock:
             return self._db.execute("SELECT COUNT(*) FROM turns WHERE conversation = ?", (key,)).fetchone()[0]
 
-    def forget(self, key: str) -> int:
+    def forget(self, key: str, user: str | None = None) -> int:
         with self._lock:
-            return self._db.execute("DELETE FROM turns WHERE conversation = ?", (key,)).rowcount
+            if user is None:
+                return self._db.execute("DELETE FROM turns WHERE conversation = ?", (key,)).rowcount
+            return self._db.execute(f"DELETE FROM turns WHERE conversation = ? AND {_OWNER} = ?",
+                                    (key, user)).rowcount
 
     # A person's turns: their own conversations (the key's 4th item is them), and
-    # their lines in conversations a whole chat shares (the key's 4th item is null).
+    # their lines and the replies to them in conversations a whole chat shares
+    # (the key's 4th item is null).
     _ABOUT_USER = ("json_extract(conversation, '$[0]') = :platform AND ("
                    "json_extract(conversation, '$[3]') = :user OR "
-                   "(json_extract(conversation, '$[3]') IS NULL AND user_id = :user))")
+                   f"(json_extract(conversation, '$[3]') IS NULL AND {_OWNER} = :user))")
 
     def about_user(self, platform: str, user: str) -> list[tuple[str, Turn]]:
         with self._lock:
             rows = self._db.execute(
-                "SELECT conversation, role, text, created_at, user_id, display_name, meta FROM turns"
+                f"SELECT conversation, {_COLUMNS} FROM turns"
                 f" WHERE {self._ABOUT_USER} ORDER BY id", {"platform": platform, "user": user}).fetchall()
-        return [(row[0], Turn(*row[1:6], meta=json.loads(row[6]))) for row in rows]
+        return [(row[0], _turn(row[1:])) for row in rows]
 
     def forget_user(self, platform: str, user: str) -> int:
         with self._lock:

@@ -279,7 +279,7 @@ def test_sqlite_refuses_a_newer_schema(tmp_path):
     db.execute(f"PRAGMA user_version = {len(MIGRATIONS) + 1}")
     db.commit()
     db.close()
-    with pytest.raises(RuntimeError, match="newer than this chatforge"):
+    with pytest.raises(RuntimeError, match=r"written by a newer chatforge \(schema \d+ > \d+\)"):
         SQLiteMemory(path)
     # The refused file is left as it was.
     db = sqlite3.connect(path)
@@ -393,3 +393,53 @@ def test_sqlite_close_then_use_fails(tmp_path):
     memory.close()
     with pytest.raises(sqlite3.ProgrammingError):
         memory.add("k", turn("too late"))
+
+
+# ------------------------------------------------------------------ whom a bot line answered
+
+def test_reply_to_round_trips(store):
+    store.add("k", turn("hi", user="ann"), turn("hello ann", role="assistant", reply_to="ann"))
+    assert [t.reply_to for t in store.recent("k", 2)] == ["", "ann"]
+
+
+def test_about_and_forget_user_take_the_replies_to_the_person_in_a_shared_chat(store):
+    shared = json.dumps(["p", "group", None, None])
+    store.add(shared, turn("from ann", user="ann"), turn("to ann", role="assistant", reply_to="ann"))
+    store.add(shared, turn("from bob", user="bob"), turn("to bob", role="assistant", reply_to="bob"))
+    assert [t.text for _, t in store.about_user("p", "ann")] == ["from ann", "to ann"]
+    assert store.forget_user("p", "ann") == 2
+    assert [t.text for t in store.recent(shared, 10)] == ["from bob", "to bob"]
+
+
+def test_forget_one_persons_turns_of_a_conversation(store):
+    shared = json.dumps(["p", "group", None, None])
+    store.add(shared, turn("from ann", user="ann"), turn("to ann", role="assistant", reply_to="ann"))
+    store.add(shared, turn("from bob", user="bob"), turn("to bob", role="assistant", reply_to="bob"))
+    store.add("elsewhere", turn("ann elsewhere", user="ann"))
+    assert store.forget(shared, user="ann") == 2
+    assert [t.text for t in store.recent(shared, 10)] == ["from bob", "to bob"]
+    assert store.count("elsewhere") == 1
+
+
+def test_an_old_database_learns_whom_each_bot_line_answered(tmp_path):
+    """Schema 2 stored bot lines with no owner; the upgrade infers it from the line stored with them."""
+    path = tmp_path / "old.sqlite3"
+    db = sqlite3.connect(path, isolation_level=None)
+    for version, script in enumerate(MIGRATIONS[:2], start=1):
+        db.executescript(f"BEGIN; {script}; PRAGMA user_version = {version}; COMMIT;")
+    shared = json.dumps(["p", "group", None, None])
+    rows = [(shared, "user", "from ann", "ann", 10.0), (shared, "assistant", "to ann", "", 10.0),
+            (shared, "user", "from bob", "bob", 20.0), (shared, "assistant", "to bob", "", 20.0),
+            (shared, "assistant", "added alone by a plugin", "", 30.0)]
+    db.executemany("INSERT INTO turns (conversation, role, text, user_id, created_at) VALUES (?, ?, ?, ?, ?)", rows)
+    db.close()
+
+    memory = SQLiteMemory(path)
+    try:
+        assert memory.schema_version == len(MIGRATIONS)
+        assert [(t.text, t.reply_to) for t in memory.recent(shared, 10) if t.role == "assistant"] == [
+            ("to ann", "ann"), ("to bob", "bob"), ("added alone by a plugin", "")]
+        assert memory.forget_user("p", "ann") == 2
+        assert [t.text for t in memory.recent(shared, 10)] == ["from bob", "to bob", "added alone by a plugin"]
+    finally:
+        memory.close()
