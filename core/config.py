@@ -1,9 +1,14 @@
 """Loading and validating the YAML config file.
 
 One file configures everything. Values may use `${VAR}` or `${VAR:-default}`
-to come from the environment (keep secrets there). Every problem is reported
-with its YAML path and line, e.g.
-`config.yaml:9: generator.max_new_tokens: must be a positive integer, got "lots"`.
+to come from the environment (keep secrets there); a default may hold more
+references, `${A:-${B}}`, as in the shell. Every problem is reported with its
+YAML path and line, e.g.
+`config.yaml:9: generator.max_new_tokens: must be a positive integer, got "lots"`,
+but a value that holds an environment variable's is never shown: the message
+names the variable instead. Files over 1 MB, YAML aliases that expand to more
+than 10,000 values and nesting deeper than 100 levels are refused before
+anything else is done with them.
 Plugin and adapter sections are checked later by each plugin's own schema,
 through `validate_section`, so their errors read the same way.
 """
@@ -18,7 +23,7 @@ import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, Literal, NamedTuple, Optional
 
 import yaml
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, ValidationError, ValidationInfo,
@@ -229,6 +234,17 @@ class LoggingConfig(StrictModel):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "WARNING"
 
 
+class EnvValue(NamedTuple):
+    """A config value that holds the value of one or more environment variables (maybe a secret)."""
+
+    written: str
+    """The text in the file, `${VAR}` and all: safe to show."""
+    value: str
+    """What it became: never shown."""
+    variables: list[str]
+    """The variables whose (non-empty) values it holds."""
+
+
 class PluginSection(BaseModel):
     """The keys every plugin section has; the rest belongs to the plugin's schema."""
 
@@ -258,6 +274,9 @@ class Settings(StrictModel):
     lines: dict[str, int] = Field(default_factory=dict, exclude=True, repr=False)
     env_references: dict[str, list[str]] = Field(default_factory=dict, exclude=True, repr=False)
     """YAML path -> the environment variables its value was made from, to name them in errors."""
+    from_environment: dict[str, EnvValue] = Field(default_factory=dict, exclude=True, repr=False)
+    """YAML path -> how a value that holds some environment variable's value was written: errors about
+    it name the variables, never the value."""
 
     def resolve_path(self, value: str) -> Path:
         """A path from the config: `~` expanded, relative ones taken from the config's folder."""
@@ -277,39 +296,92 @@ _INTERNAL_KEYS = frozenset(name for name, info in Settings.model_fields.items() 
 
 # ---------------------------------------------------------------- loading
 
-_ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_ENV_TOKEN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(\}|:-)|\}")
+"""What substitution looks for: `${NAME}`, `${NAME:-` (a default follows, up to its `}`), or a `}`."""
 
 
-def _substitute_env(node: Any, path: str, issues: list[ConfigIssue], references: dict[str, list[str]]) -> Any:
+@dataclass
+class _Expansion:
+    value: str
+    referenced: list[str]
+    """Every variable named, in order, also in defaults that were not needed."""
+    used: list[str]
+    """The variables whose non-empty values are in `value`."""
+    missing: list[str]
+    """Variables without a default that are not set (and were needed)."""
+    unclosed: str | None = None
+    """The first `${NAME:-` without its `}`."""
+
+
+def _expand(text: str) -> _Expansion:
+    """Substitute `${VAR}` and `${VAR:-default}` in one pass; a default may hold more references, as in the shell.
+
+    Linear in the text (a regex with `[^}]*` retried at every `${` was quadratic): each piece goes into `out`
+    once and is dropped at most once, when the variable of an open default turns out to be set.
+    """
+    out: list[str] = []
+    result = _Expansion("", [], [], [])
+    defaults: list[tuple[str, int, int, int]] = []  # each open `${NAME:-`: NAME, and where its default starts
+    position = 0
+    for match in _ENV_TOKEN.finditer(text):
+        out.append(text[position:match.start()])
+        position = match.end()
+        name, opening = match.groups()
+        if name is None:  # a "}"
+            if not defaults:
+                out.append("}")
+                continue
+            name, start, used, missing = defaults.pop()
+            value = os.environ.get(name)
+            if value:  # as in the shell, `:-` also replaces a set but empty variable
+                del out[start:], result.used[used:], result.missing[missing:]
+                out.append(value)
+                result.used.append(name)
+            continue
+        result.referenced.append(name)
+        if opening == ":-":
+            defaults.append((name, len(out), len(result.used), len(result.missing)))
+            continue
+        value = os.environ.get(name)
+        if value is None:
+            result.missing.append(name)
+        elif value:
+            out.append(value)
+            result.used.append(name)
+    out.append(text[position:])
+    result.value = "".join(out)
+    result.unclosed = defaults[0][0] if defaults else None
+    return result
+
+
+def _substitute_env(node: Any, path: str, issues: list[ConfigIssue], references: dict[str, list[str]],
+                    from_environment: dict[str, EnvValue]) -> Any:
     """Replace `${VAR}` / `${VAR:-default}` in every string value, recursively; note which VARs each used."""
     if isinstance(node, dict):
-        return {key: _substitute_env(value, _join(path, key), issues, references) for key, value in node.items()}
+        return {key: _substitute_env(value, _join(path, key), issues, references, from_environment)
+                for key, value in node.items()}
     if isinstance(node, list):
-        return [_substitute_env(value, _join(path, i), issues, references) for i, value in enumerate(node)]
-    if not isinstance(node, str):
+        return [_substitute_env(value, _join(path, i), issues, references, from_environment)
+                for i, value in enumerate(node)]
+    if not isinstance(node, str) or "${" not in node:
         return node
-    names = [match.group(1) for match in _ENV_REFERENCE.finditer(node)]
-    if names:
-        references[path] = names
-
-    def lookup(match: re.Match[str]) -> str:
-        name, default = match.group(1), match.group(2)
-        value = os.environ.get(name)
-        if value is not None and (value or default is None):
-            return value  # as in the shell, `:-` also replaces a set but empty variable
-        if default is not None:
-            return default
-        issues.append(ConfigIssue(path, f"environment variable {name} is not set"))
-        return ""
-
-    return _ENV_REFERENCE.sub(lookup, node)
+    expansion = _expand(node)
+    if expansion.referenced:
+        references[path] = expansion.referenced
+    if expansion.used:
+        from_environment[path] = EnvValue(node, expansion.value, expansion.used)
+    if expansion.unclosed is not None:
+        issues.append(ConfigIssue(path, f'"${{{expansion.unclosed}:-" has no closing "}}"'))
+        return node
+    issues.extend(ConfigIssue(path, f"environment variable {name} is not set") for name in expansion.missing)
+    return expansion.value
 
 
 def _join(path: str, key: Any) -> str:
     return f"{path}.{key}" if path else str(key)
 
 
-def _line_numbers(text: str) -> dict[str, int]:
+def _line_numbers(root: yaml.Node | None) -> dict[str, int]:
     """Map each YAML path (`a.b.0.c`) to the 1-based line where its value starts."""
     lines: dict[str, int] = {}
 
@@ -324,13 +396,96 @@ def _line_numbers(text: str) -> dict[str, int]:
                 lines[_join(path, index)] = item.start_mark.line + 1
                 walk(item, _join(path, index))
 
-    try:
-        root = yaml.compose(text)
-    except yaml.YAMLError:
-        return lines
     if root is not None:
         walk(root, "")
     return lines
+
+
+MAX_CONFIG_BYTES = 1_000_000
+"""A config file is a few KB; a bigger one is the wrong file (PyYAML needs about a second per MB)."""
+MAX_ALIASED_VALUES = 10_000
+"""Values that YAML aliases (`*name`) may add in all, counted expanded: a few `<<: *defaults` need far fewer,
+and an alias bomb (nine aliases of nine aliases of...) turns 500 bytes into 9**9 values."""
+MAX_DEPTH = 100
+"""Mappings and lists nested deeper than this are refused (the loader and the checks recurse)."""
+
+
+class _Refused(yaml.YAMLError):
+    """A YAML file that is valid but would cost too much to load."""
+
+    def __init__(self, problem: str, mark: yaml.Mark) -> None:
+        super().__init__(problem)
+        self.problem, self.problem_mark = problem, mark
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader, with its composer counting what aliases expand to and how deep nodes nest."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._values = 0  # nodes composed so far, each alias counted as the nodes it stands for
+        self._aliased = 0  # of which through aliases
+        self._sizes: dict[int, int] = {}  # id(anchored node) -> its nodes, aliases expanded; set once complete
+        self._depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            node = self.anchors.get(event.anchor)
+            if node is not None:  # else PyYAML's own "found undefined alias"
+                size = self._sizes.get(id(node))
+                if size is None:
+                    raise _Refused(f"YAML alias *{event.anchor} refers to itself", event.start_mark)
+                self._values += size
+                self._aliased += size
+                if self._aliased > MAX_ALIASED_VALUES:
+                    raise _Refused(f"YAML aliases (*name) expand to more than {MAX_ALIASED_VALUES} values; "
+                                   "a config file needs far fewer", event.start_mark)
+            return super().compose_node(parent, index)
+        self._depth += 1
+        if self._depth > MAX_DEPTH:
+            raise _Refused(f"nested more than {MAX_DEPTH} levels deep", event.start_mark)
+        before = self._values
+        node = super().compose_node(parent, index)
+        self._depth -= 1
+        self._values += 1
+        if event.anchor is not None:
+            self._sizes[id(node)] = self._values - before
+        return node
+
+
+def _read_config(path: Path, filename: str) -> str:
+    """The file's text, read no further than MAX_CONFIG_BYTES (a device such as /dev/zero never ends)."""
+    try:
+        with path.open(encoding="utf-8") as file:
+            text = file.read(MAX_CONFIG_BYTES + 1)
+            size = os.fstat(file.fileno()).st_size
+    except FileNotFoundError:
+        raise ConfigError([ConfigIssue("", "config file not found")], filename) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([ConfigIssue("", f"cannot read config file: {exc}")], filename) from None
+    if len(text) > MAX_CONFIG_BYTES or size > MAX_CONFIG_BYTES:
+        cap = f"{MAX_CONFIG_BYTES / 1e6:g} MB"
+        shown = f"{size / 1e6:.1f} MB" if size > MAX_CONFIG_BYTES else f"more than {cap}"  # a device has no size
+        raise ConfigError([ConfigIssue("", f"config file is too large: {shown} (at most {cap})")], filename)
+    return text
+
+
+def _parse_yaml(text: str, filename: str) -> tuple[Any, dict[str, int]]:
+    """The YAML document and the line of each path, parsed once, within the bounds above."""
+    loader = _BoundedLoader(text)
+    try:
+        root = loader.get_single_node()
+        return (loader.construct_document(root) if root is not None else None), _line_numbers(root)
+    except _Refused as exc:
+        raise ConfigError([ConfigIssue("", exc.problem, exc.problem_mark.line + 1)], filename) from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        problem = getattr(exc, "problem", None) or str(exc)
+        line = mark.line + 1 if mark else None
+        raise ConfigError([ConfigIssue("", f"not valid YAML: {problem}", line)], filename) from None
+    finally:
+        loader.dispose()
 
 
 def _describe(value: Any) -> str:
@@ -361,9 +516,14 @@ _EMPTY = "must not be empty"
 
 
 def issues_from_validation(
-    error: ValidationError, prefix: str, data: Any, model: type[BaseModel]
+    error: ValidationError, prefix: str, data: Any, model: type[BaseModel],
+    from_environment: dict[str, EnvValue] | None = None,
 ) -> list[ConfigIssue]:
-    """Turn pydantic's errors into ConfigIssues in plain words, each with the wrong value (unless secret)."""
+    """Turn pydantic's errors into ConfigIssues in plain words, each with the wrong value.
+
+    Unless it is secret: a SecretStr field's value is never shown, nor is one that came from the environment
+    (`from_environment`, by YAML path); the variables are named instead.
+    """
     issues = []
     for item in error.errors():
         loc = [str(part) for part in item["loc"]]
@@ -381,11 +541,44 @@ def issues_from_validation(
             message = message if message.startswith("must ") else f"must be {message}"
         else:
             message = re.sub(r"^(Input should be|Value should be) ?", "must be ", item["msg"])
-        if "input" in item and kind != "missing" and message != _EMPTY and not _is_secret(loc, model) \
+        sources = _sources(path, from_environment or {})
+        if sources:
+            message = _hide_values(message, sources)
+            if kind != "missing" and message != _EMPTY:
+                message += f", got {_name_variables(sources)}"
+        elif "input" in item and kind != "missing" and message != _EMPTY and not _is_secret(loc, model) \
                 and not _shows(message, item["input"]):
             message += f", got {_describe(item['input'])}"
         issues.append(ConfigIssue(path, message))
     return issues
+
+
+def _sources(path: str, from_environment: dict[str, EnvValue]) -> list[EnvValue]:
+    """The values from the environment in the value at `path`: its own, its parent's (one value may be read
+    as a list of it), or its children's (an error about a whole section)."""
+    return [source for key, source in from_environment.items()
+            if key == path or path.startswith(key + ".") or key.startswith(path + ".")]
+
+
+def _hide_values(message: str, sources: list[EnvValue]) -> str:
+    """A validator's message with each value from the environment (bare or quoted) shown as it was written."""
+    written = {}
+    for source in sources:
+        if source.value:
+            written.update({_describe(source.value): _describe(source.written),
+                            repr(source.value): repr(source.written), source.value: source.written})
+    if not written:
+        return message
+    pattern = "|".join(re.escape(form) for form in sorted(written, key=len, reverse=True))
+    return re.sub(pattern, lambda match: written[match.group()], message)
+
+
+def _name_variables(sources: list[EnvValue]) -> str:
+    """'the value of ${TOKEN} (from the environment)', for an error that may not show the value."""
+    names = [f"${{{name}}}" for name in dict.fromkeys(name for source in sources for name in source.variables)]
+    if len(names) == 1:
+        return f"the value of {names[0]} (from the environment)"
+    return f"the values of {', '.join(names[:-1])} and {names[-1]} (from the environment)"
 
 
 def _shows(message: str, value: Any) -> bool:
@@ -436,27 +629,14 @@ def find_config_file(explicit: str | None) -> Path | None:
 def load_settings(path: Path | None) -> Settings:
     """Read, substitute and validate a config file; raise ConfigError listing every problem."""
     filename = str(path) if path else "<defaults>"
-    text = ""
-    if path is not None:
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise ConfigError([ConfigIssue("", "config file not found")], filename) from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError([ConfigIssue("", f"cannot read config file: {exc}")], filename) from None
-    try:
-        data = yaml.safe_load(text) if text.strip() else {}
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        problem = getattr(exc, "problem", None) or str(exc)
-        line = mark.line + 1 if mark else None
-        raise ConfigError([ConfigIssue("", f"not valid YAML: {problem}", line)], filename) from None
+    text = _read_config(path, filename) if path is not None else ""
+    data, lines = _parse_yaml(text, filename) if text.strip() else (None, {})
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError([ConfigIssue("", f"must be a mapping of sections, got {_describe(data)}")], filename)
 
-    return load_settings_from_dict(data, path, _line_numbers(text))
+    return load_settings_from_dict(data, path, lines)
 
 
 def load_settings_from_dict(
@@ -467,7 +647,8 @@ def load_settings_from_dict(
     lines = lines or {}
     issues: list[ConfigIssue] = []
     references: dict[str, list[str]] = {}
-    data = _substitute_env(data, "", issues, references)
+    from_environment: dict[str, EnvValue] = {}
+    data = _substitute_env(data, "", issues, references, from_environment)
     for key in [key for key in data if key in _INTERNAL_KEYS]:
         issues.append(ConfigIssue(key, "unknown key" + _suggestion([key], Settings)))
     data = {key: value for key, value in data.items() if key not in _INTERNAL_KEYS}
@@ -475,13 +656,14 @@ def load_settings_from_dict(
     try:
         settings = Settings.model_validate(data)
     except ValidationError as exc:
-        issues.extend(issues_from_validation(exc, "", data, Settings))
+        issues.extend(issues_from_validation(exc, "", data, Settings, from_environment))
         settings = _with_defaults_for_errors(data, exc)
     if settings is not None:
         settings.source = path.resolve() if path else None
         settings.raw = data
         settings.lines = lines
         settings.env_references = references
+        settings.from_environment = from_environment
     if issues:
         raise ConfigError(locate(issues, lines), filename, settings=settings)
     assert settings is not None
@@ -545,4 +727,5 @@ def validate_section(
     try:
         return model.model_validate(data), []
     except ValidationError as exc:
-        return None, locate(issues_from_validation(exc, prefix, data, model), settings.lines)
+        issues = issues_from_validation(exc, prefix, data, model, settings.from_environment)
+        return None, locate(issues, settings.lines)

@@ -6,7 +6,9 @@ the `chatforge` entry-point group of installed distributions, and
 `plugins.<name>.module` in the config (an import path or a `.py` file).
 A plugin that fails to import, to validate its config, or inside a hook is
 logged by name, recorded for `chatforge plugins`, and skipped. With
-`strict=True` the same failure raises `PluginError` instead.
+`strict=True` the same failure raises `PluginError` instead. A `module:` that
+can never be a plugin (not a Python file, or a module already loaded as
+another plugin) is a config issue of `plugins.<name>.module` instead.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from pydantic import BaseModel
 from . import hookspecs, redaction
 from .commands import Command, CommandRegistry
 from .skill import SkillError
-from .config import ConfigIssue, PluginSection, Settings, validate_section
+from .config import ConfigIssue, PluginSection, Settings, locate, validate_section
 
 log = logging.getLogger("chatforge.plugins")
 
@@ -50,6 +52,10 @@ BUILTIN_PLUGINS: dict[str, str] = {
 
 class PluginError(Exception):
     """A plugin failure in strict mode."""
+
+
+class UnusableModule(Exception):
+    """`plugins.<name>.module` names something that can never be a plugin: the config is wrong, not a plugin."""
 
 
 FAILED = object()
@@ -145,6 +151,8 @@ class PluginHost:
         self.commands = CommandRegistry()
         self.adapters: dict[str, type] = {}
         self.adapter_configs: dict[str, Any] = {}
+        self.module_issues: dict[str, ConfigIssue] = {}
+        """plugin name -> why its `plugins.<name>.module` can never be a plugin (a config error, not a fault)."""
 
     # ------------------------------------------------------------ loading
 
@@ -169,7 +177,7 @@ class PluginHost:
         for name, section in sections.items():
             if section.module and name not in self.infos:
                 self._load(name, "config", section.module, lambda m=section.module, n=name: self._import_configured(n, m))
-        issues = self._validate_plugin_configs()
+        issues = locate(list(self.module_issues.values()), self.settings.lines) + self._validate_plugin_configs()
         self._collect_adapters()
         issues += self._validate_adapter_configs()
         redaction.REDACTOR.add(redaction.secrets_in(self.adapter_configs) + redaction.secrets_in(self.configs))
@@ -193,12 +201,23 @@ class PluginHost:
             return
         try:
             plugin = importer()
+        except UnusableModule as exc:
+            self._refuse_module(name, str(exc))
+            return
         except ModuleNotFoundError as exc:
             self._fail(info, "import", f"needs the module {exc.name!r}, which is not installed "
                                        f"(pip install the package that provides it, often: pip install {exc.name})", exc)
             return
         except Exception as exc:  # noqa: BLE001 - any import failure is the plugin's
             self._fail(info, "import", _describe(exc), exc)
+            return
+        other = self.pm.get_name(plugin)
+        if other is not None:  # pluggy would raise a ValueError listing every plugin
+            problem = f'{location} is already loaded as plugin "{other}"'
+            if source == "config":
+                self._refuse_module(name, f"{problem} (set its options under plugins.{other})")
+            else:
+                self._fail(info, "registration", problem)
             return
         try:
             self.pm.register(plugin, name=name)
@@ -210,6 +229,11 @@ class PluginHost:
             return
         info.hooks = sorted(caller.name for caller in self.pm.get_hookcallers(plugin) or [])
 
+    def _refuse_module(self, name: str, problem: str) -> None:
+        """Report `plugins.<name>.module` as a config issue, and forget the plugin (it was never one)."""
+        del self.infos[name]
+        self.module_issues[name] = ConfigIssue(f"plugins.{name}.module", problem)
+
     def _import_configured(self, name: str, module: str) -> Any:
         """Import `pkg.mod`, or a `.py` file (relative to the config file's folder)."""
         if not module.endswith(".py") and "/" not in module:
@@ -219,7 +243,8 @@ class PluginHost:
             raise FileNotFoundError(f"no such plugin file: {path}")
         module_name = f"chatforge_config_plugin_{name}"
         spec = importlib.util.spec_from_file_location(module_name, path)
-        assert spec is not None and spec.loader is not None
+        if spec is None or spec.loader is None:
+            raise UnusableModule(f"{module} is not a Python file (.py) nor an import path (package.module)")
         loaded = importlib.util.module_from_spec(spec)
         sys.modules[module_name] = loaded
         try:
@@ -233,7 +258,7 @@ class PluginHost:
         issues: list[ConfigIssue] = []
         for name, section in self.settings.plugins.items():
             info = self.infos.get(name)
-            if info is None:
+            if info is None and name not in self.module_issues:
                 known = ", ".join(sorted(self.infos)) or "none"
                 issues.append(ConfigIssue(
                     f"plugins.{name}",

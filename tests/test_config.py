@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -382,7 +383,86 @@ def test_env_values_are_validated_like_yaml_values(tmp_path, monkeypatch):
 
     monkeypatch.setenv("CF_TOKENS", "lots")
     issue = only_issue(load_error(tmp_path, "generator:\n  max_new_tokens: ${CF_TOKENS}\n"))
-    assert issue.format("c.yaml") == 'c.yaml:2: generator.max_new_tokens: must be a positive integer, got "lots"'
+    assert issue.format("c.yaml") == ('c.yaml:2: generator.max_new_tokens: must be a positive integer, '
+                                      'got the value of ${CF_TOKENS} (from the environment)')
+
+
+@pytest.mark.parametrize("text, environment, expected", [
+    ("${CF_A:-${CF_B}}", {"CF_B": "bee"}, "bee"),
+    ("${CF_A:-${CF_B}}", {"CF_A": "ay", "CF_B": "bee"}, "ay"),
+    ("${CF_A:-${CF_B:-x}-${CF_C:-y}}!", {"CF_C": "sea"}, "x-sea!"),
+    ("${CF_A:-{braces}}}", {}, "{braces}}"),  # the first "}" closes, as before
+    ("${CF_A:-" * 3 + "deep" + "}" * 3, {}, "deep"),
+])
+def test_nested_defaults_resolve_as_in_the_shell(tmp_path, monkeypatch, text, environment, expected):
+    for name in ("CF_A", "CF_B", "CF_C"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    assert load_settings(write(tmp_path, f"bot:\n  name: '{text}'\n")).bot.name == expected
+
+
+def test_a_default_that_is_not_needed_does_not_need_its_variables(tmp_path, monkeypatch):
+    monkeypatch.setenv("CF_A", "ay")
+    monkeypatch.delenv("CF_B", raising=False)
+    assert load_settings(write(tmp_path, "bot:\n  name: ${CF_A:-${CF_B}}\n")).bot.name == "ay"
+    monkeypatch.delenv("CF_A")
+    issue = only_issue(load_error(tmp_path, "bot:\n  name: ${CF_A:-${CF_B}}\n"))
+    assert issue.format("c.yaml") == "c.yaml:2: bot.name: environment variable CF_B is not set"
+
+
+def test_an_unclosed_default_is_an_error_naming_the_key_and_line(tmp_path, monkeypatch):
+    monkeypatch.delenv("CF_A", raising=False)
+    issue = only_issue(load_error(tmp_path, "bot:\n  command_prefix: '!'\n  name: 'x${CF_A:-y'\n"))
+    assert issue.format("c.yaml") == 'c.yaml:3: bot.name: "${CF_A:-" has no closing "}"'
+
+
+@pytest.mark.parametrize("closed", [True, False])
+def test_ten_thousand_nested_defaults_take_linear_time(tmp_path, monkeypatch, closed):
+    monkeypatch.delenv("a", raising=False)
+    text = "bot:\n  name: '" + "${a:-" * 10_000 + ("x" + "}" * 10_000 if closed else "") + "'\n"
+    start = time.perf_counter()
+    if closed:
+        assert load_settings(write(tmp_path, text)).bot.name == "x"
+    else:
+        assert only_issue(load_error(tmp_path, text)).message == '"${a:-" has no closing "}"'
+    assert time.perf_counter() - start < 1.0  # was 18.7 s for the unclosed one: every "${" scanned to the end
+
+
+def test_a_validator_that_quotes_a_value_from_the_environment_does_not_leak_it(tmp_path, monkeypatch):
+    from pydantic import field_validator
+
+    class Schema(StrictModel):
+        colour: str = "red"
+
+        @field_validator("colour")
+        @classmethod
+        def _known(cls, value: str) -> str:
+            raise ValueError(f"a colour name, not {value!r} ({value})")
+
+    monkeypatch.setenv("CF_COLOUR", "hunter2-secret")
+    settings = load_settings(write(tmp_path, "plugins:\n  p:\n    colour: ${CF_COLOUR}\n"))
+    _, [issue] = validate_section(Schema, settings.plugins["p"].model_extra, "plugins.p", settings)
+    assert issue.format("c.yaml") == ("c.yaml:3: plugins.p.colour: must be a colour name, not '${CF_COLOUR}' "
+                                      "(${CF_COLOUR}), got the value of ${CF_COLOUR} (from the environment)")
+
+
+def test_ordinary_anchors_and_merge_keys_still_work(tmp_path):
+    settings = load_settings(write(tmp_path, """\
+generator:
+  stop: &stops [a, b]
+limits: &limits
+  rate_burst: 3
+  max_pending: 9
+plugins:
+  p:
+    words: *stops
+    limits:
+      <<: *limits
+      rate_burst: 4
+"""))
+    assert settings.generator.stop == ["a", "b"] and settings.limits.max_pending == 9
+    assert settings.plugins["p"].model_extra == {"words": ["a", "b"], "limits": {"rate_burst": 4, "max_pending": 9}}
 
 
 def test_non_string_values_are_left_alone(tmp_path):

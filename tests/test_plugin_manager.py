@@ -124,6 +124,21 @@ def test_a_missing_plugin_file_is_a_load_error(tmp_path):
     assert "no such plugin file" in host.infos["ghost"].errors[0]
 
 
+@pytest.mark.parametrize("module, problem", [
+    ("chatforge.plugins.summarize", 'chatforge.plugins.summarize is already loaded as plugin "summarize" '
+                                    "(set its options under plugins.summarize)"),
+    ("/etc/passwd", "/etc/passwd is not a Python file (.py) nor an import path (package.module)"),
+    ("./notes.txt", "./notes.txt is not a Python file (.py) nor an import path (package.module)"),
+])
+def test_a_module_that_cannot_be_a_plugin_is_a_config_issue_of_its_key(tmp_path, module, problem, caplog):
+    (tmp_path / "notes.txt").write_text("not python\n")
+    with caplog.at_level(logging.ERROR):
+        host, issues = host_for(write_config(tmp_path, f"bot:\n  name: b\nplugins:\n  x:\n    module: {module}\n"))
+    assert [(issue.path, issue.line, issue.message) for issue in issues] == [("plugins.x.module", 5, problem)]
+    assert host.failures == [] and "x" not in host.infos and caplog.records == []
+    assert host.infos["summarize"].loaded
+
+
 def test_a_hook_name_that_does_not_exist_is_rejected(tmp_path):
     (tmp_path / "typo.py").write_text(
         "from chatforge import hookimpl\n@hookimpl\ndef chatforge_register_comands(register):\n    pass\n")
