@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import hmac
 import logging
 import re
 import secrets
@@ -263,45 +262,30 @@ class TelegramAdapter(Adapter):
     # ------------------------------------------------------------ webhook
 
     async def _start_webhook(self, application: Application) -> None:
-        from aiohttp import web
+        from chatforge.adapters.telegram_webhook import WebhookReceiver
 
         if not self.config.url:
             raise AdapterError("adapters.telegram.url: webhook mode needs the public HTTPS URL "
                                "Telegram posts updates to")
         secret = self.config.secret_token.get_secret_value() or secrets.token_urlsafe(32)
-        path = urlsplit(self.config.url).path or "/"
         bot = application.bot
-
-        async def receive(request: web.Request) -> web.Response:
-            given = request.headers.get("X-Telegram-Bot-Api-Secret-Token", "")
-            if not hmac.compare_digest(given.encode(), secret.encode()):
-                return web.Response(status=403)
-            try:
-                update = Update.de_json(await request.json(), bot)
-            except Exception:  # noqa: BLE001 - whatever was posted, it is not an update
-                return web.Response(status=400)
-            await application.update_queue.put(update)
-            return web.Response()
-
-        web_app = web.Application()
-        web_app.router.add_post(path, receive)
-        runner = web.AppRunner(web_app, access_log=None, shutdown_timeout=2.0)
-        await runner.setup()
+        receiver = WebhookReceiver(urlsplit(self.config.url).path or "/", secret,
+                                   parse=lambda data: Update.de_json(data, bot), queue=application.update_queue,
+                                   host=self.config.listen, port=self.config.port)
         try:
-            await web.TCPSite(runner, self.config.listen, self.config.port).start()
+            await receiver.start()
         except OSError as error:
-            await runner.cleanup()
             raise AdapterError(f"adapters.telegram.port: cannot listen on {self.config.listen}:{self.config.port} "
                                f"({error.strerror or error})") from None
-        self._webhook_runner = runner
+        self._webhook_runner = receiver
         try:
             await bot.set_webhook(self.config.url, secret_token=secret, allowed_updates=[Update.MESSAGE])
         except BadRequest as error:
             raise AdapterError(f"adapters.telegram.url: Telegram refused the webhook URL ({error})") from None
 
     async def _stop_webhook(self) -> None:
-        runner, self._webhook_runner = self._webhook_runner, None
-        await runner.cleanup()
+        receiver, self._webhook_runner = self._webhook_runner, None
+        await receiver.stop()
 
     # ------------------------------------------------------------ incoming
 
