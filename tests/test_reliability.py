@@ -267,13 +267,13 @@ def test_history_all_and_forget_cover_everything_about_a_user_and_nothing_else()
 
 
 @pytest.mark.parametrize("backend", ["memory", "sqlite"])
-def test_forget_in_a_shared_chat_removes_only_that_users_lines(backend, tmp_path):
+def test_forget_in_a_shared_chat_removes_only_that_users_lines_and_the_replies_to_them(backend, tmp_path):
     memory = SQLiteMemory(tmp_path / "m.sqlite3") if backend == "sqlite" else None
     bot = make_bot({"memory": {"scope": "chat"}}, memory=memory, chat="group")
     bot.ask("ann speaks", user="ann")
     bot.ask("bob speaks", user="bob")
-    assert bot.ask("/forget", user="ann").endswith("(1 turn).")
-    assert [t.text for t in bot.history(user="bob")] == ["echo: ann speaks", "bob speaks", "echo: bob speaks"]
+    assert bot.ask("/forget", user="ann").endswith("(2 turns).")
+    assert [t.text for t in bot.history(user="bob")] == ["bob speaks", "echo: bob speaks"]
 
 
 def test_retention_deletes_old_turns_at_start(tmp_path):
