@@ -50,10 +50,14 @@ def tiny_gpt2(tmp_path_factory) -> Path:
     It is loaded through the same `from_pretrained` path as `gpt2` would be;
     its weights are random, so tests check plumbing, not wording.
     """
+    return build_tiny_gpt2(tmp_path_factory.mktemp("tiny-gpt2"))
+
+
+def build_tiny_gpt2(folder: Path) -> Path:
+    """Save the tiny GPT-2 (random weights, seed 0) in `folder`; also used by bench/flood.py."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
 
-    folder = tmp_path_factory.mktemp("tiny-gpt2")
     tokenizer = GPT2TokenizerFast(tokenizer_object=train_byte_bpe(["<|endoftext|>"]), bos_token="<|endoftext|>",
                                   eos_token="<|endoftext|>", unk_token="<|endoftext|>")
     tokenizer.model_max_length = 256
