@@ -146,8 +146,26 @@ def check_config(settings: Settings, strict: bool, found: Sequence[ConfigIssue] 
               f"so {sections} could not be checked", file=sys.stderr)
     if issues or failed:
         return EXIT_CONFIG if issues else EXIT_FAILURE
+    problem = memory_file_problem(settings)
+    if problem:
+        print(f"chatforge: {problem}", file=sys.stderr)
+        return EXIT_CONFIG
     print(f"{settings.filename}: OK")
     return EXIT_OK
+
+
+def memory_file_problem(settings: Settings) -> str | None:
+    """What is wrong with the memory file, if one exists: a check opens it as a start would (and so
+    upgrades an older schema), but creates none."""
+    from .app import create_memory
+
+    if settings.memory.backend != "sqlite" or not settings.resolve_path(settings.memory.path).exists():
+        return None
+    try:
+        create_memory(settings).close()
+    except UsageError as exc:
+        return str(exc)
+    return None
 
 
 def list_plugins(settings: Settings, strict: bool) -> int:

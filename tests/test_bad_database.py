@@ -93,6 +93,23 @@ def test_chatforge_run_says_the_same(cli, tmp_path, config_for):
     assert "move it aside or point memory.path at another file" in result.stderr
 
 
+@pytest.mark.parametrize("case", ["random bytes", "newer schema"])
+def test_config_check_reads_an_existing_memory_file_too(cli, tmp_path, config_for, case):
+    make, problem = BAD_FILES[case]
+    path = tmp_path / "memory.sqlite3"
+    make(path)
+    result = cli("config", "check", "-c", str(config_for(path)))
+    assert_one_clear_line(result, path, problem)
+    assert "OK" not in result.stdout
+
+
+def test_config_check_creates_no_memory_file(cli, tmp_path, config_for):
+    path = tmp_path / "data" / "memory.sqlite3"
+    result = cli("config", "check", "-c", str(config_for(path)))
+    assert result.returncode == 0 and result.stdout.strip().endswith(": OK"), result.stderr
+    assert not path.parent.exists()
+
+
 def unshare_works() -> bool:
     try:
         return subprocess.run(["unshare", "-rm", "true"], capture_output=True, timeout=30).returncode == 0
