@@ -223,9 +223,10 @@ class LimitsConfig(StrictModel):
     rate_per_minute: Annotated[float, Field(gt=0)] = 20.0
     """Messages a user may send per minute, on average..."""
     rate_burst: PositiveInt = 5
-    """...and at once. Beyond that: one polite "slow down", then silence until they may."""
+    """...and at once. Beyond that a message is dropped, with one polite "slow down" a minute."""
     max_pending: PositiveInt = 64
-    """Messages being answered or waiting, across all chats; beyond: "I'm busy"."""
+    """Messages being answered or waiting (in the engine or an adapter's queue), across all chats; beyond:
+    dropped, with one "I'm busy" a minute per conversation."""
     hook_timeout: Annotated[float, Field(gt=0)] = 30.0
     """Seconds a plugin's hook or command may take before it is given up on."""
 

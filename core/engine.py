@@ -27,7 +27,7 @@ from .commands import CommandContext, CommandRegistry, parse_command
 from .config import Settings
 from .delivery import split_message
 from .generator import OnText, TextGenerator
-from .guard import ConversationQueue, Place, RateLimiter, clean_text, too_long
+from .guard import ConversationQueue, Notices, Place, RateLimiter, clean_text, too_long
 from .memory import MemoryStore, Turn, conversation_key
 from .message import Message, Reply
 from .plugin_manager import FAILED, PluginError, PluginExited, PluginHost, contained
@@ -81,8 +81,8 @@ class Engine:
         limits = settings.limits
         self.rate_limiter = RateLimiter(limits.rate_per_minute, limits.rate_burst)
         self.queue = ConversationQueue(limits.max_pending)
-        self._told_to_wait: dict[str, float] = {}  # user -> until when they were told to slow down
-        self._told_busy: dict[str, float] = {}  # conversation -> until when it was told the bot is busy
+        self._told_to_wait = Notices()  # users told to slow down
+        self._told_busy = Notices()  # conversations told the bot is busy
         self.started_at = time.time()
         self.answered = 0
         self._purged_at = 0.0
@@ -249,23 +249,15 @@ class Engine:
         return self.fatal_error
 
     def _busy(self, conversation: str) -> Reply | None:
-        """Say "busy" once a minute per conversation; a flood in one chat gets one answer, not thousands."""
-        now = time.monotonic()
-        if self._told_busy.get(conversation, 0) > now:
+        """Say "busy" once a minute per conversation: a flood in one chat gets one answer, not thousands."""
+        if not self._told_busy.due(conversation):
             return None
-        self._told_busy[conversation] = now + 60
-        if len(self._told_busy) > 10_000:
-            self._told_busy = {key: until for key, until in self._told_busy.items() if until > now}
         return Reply(BUSY, source="engine", remember=False)
 
     def _slow_down(self, user: str, wait: float) -> Reply | None:
-        """Say "slow down" once per flood; stay silent for the rest of it."""
-        now = time.monotonic()
-        if self._told_to_wait.get(user, 0) > now:
+        """Say "slow down" once a minute per user, however many short waits a long flood is made of."""
+        if not self._told_to_wait.due(user):
             return None
-        self._told_to_wait[user] = now + wait
-        if len(self._told_to_wait) > 10_000:
-            self._told_to_wait = {key: until for key, until in self._told_to_wait.items() if until > now}
         return Reply(f"You're sending messages faster than I can answer; please wait {max(1, round(wait))} s.",
                      source="engine", remember=False)
 

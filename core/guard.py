@@ -5,6 +5,7 @@
 - `RateLimiter` is a token bucket per user: a burst is allowed, a flood is not.
 - `ConversationQueue` answers one message at a time per conversation, in
   arrival order, and refuses new work (a polite "busy") when too much waits.
+- `Notices` says each refusal once a minute, not to every message of a flood.
 """
 
 from __future__ import annotations
@@ -59,6 +60,29 @@ class RateLimiter:
         while len(self._buckets) > self.max_keys:  # forget the longest-idle users first
             self._buckets.popitem(last=False)
         return wait
+
+
+class Notices:
+    """Whether a refusal notice ("slow down", "busy") is due for a key: at most once per `interval` seconds.
+
+    A flood is answered with one notice, then silence: replying to every refused
+    message would itself flood the chat (and the platform's rate limits).
+    """
+
+    def __init__(self, interval: float = 60.0, max_keys: int = 10_000) -> None:
+        self.interval = interval
+        self.max_keys = max_keys
+        self._until: dict[str, float] = {}
+
+    def due(self, key: str, now: float | None = None) -> bool:
+        """True (and the next one `interval` away) if `key` was not told within the last `interval` seconds."""
+        now = time.monotonic() if now is None else now
+        if self._until.get(key, 0) > now:
+            return False
+        self._until[key] = now + self.interval
+        if len(self._until) > self.max_keys:  # keep only the keys still silenced
+            self._until = {other: until for other, until in self._until.items() if until > now}
+        return True
 
 
 class Place:

@@ -179,6 +179,17 @@ def test_rate_limit_per_user_says_slow_down_once_then_stays_silent():
     assert bot.ask("later", user="flooder") == "echo: later"
 
 
+def test_a_long_flood_is_told_to_slow_down_once_a_minute_not_once_per_wait():
+    bot = make_bot({"limits": {"rate_per_minute": 3000, "rate_burst": 1}})  # a token every 20 ms
+    answers = []
+    for i in range(60):  # about 0.6 s: many waits of 20 ms, one flood
+        answers.append(bot.ask(f"m{i}", user="flooder"))
+        time.sleep(0.01)
+    told = [answer for answer in answers if answer and answer.startswith("You're sending messages faster")]
+    assert len(told) == 1, answers
+    assert any(answer and answer.startswith("echo:") for answer in answers[2:])  # refilled tokens still count
+
+
 def test_a_full_queue_answers_busy():
     class SlowGenerator(FakeGenerator):
         async def reply(self, history, text, on_text=None):
