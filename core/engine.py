@@ -26,7 +26,7 @@ from . import pii
 from .commands import CommandContext, CommandRegistry, parse_command
 from .config import Settings
 from .delivery import split_message
-from .generator import OnText, TextGenerator
+from .generation import OnText, TextGenerator
 from .guard import ConversationQueue, Notices, Place, RateLimiter, clean_text, too_long
 from .memory import MemoryStore, Turn, conversation_key
 from .message import Message, Reply
@@ -380,5 +380,9 @@ class Engine:
     async def close(self) -> None:
         """Run shutdown hooks, then release the generator and memory."""
         self.host.call("chatforge_shutdown", bot=self)
-        self.generator.close()
-        self.memory.close()
+        try:
+            closing = self.generator.close()
+            if inspect.isawaitable(closing):  # a server backend closes its connections
+                await closing
+        finally:
+            self.memory.close()

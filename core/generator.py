@@ -19,9 +19,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from .config import GeneratorConfig
+from .generation import OnText, TextGenerator  # noqa: F401 - also importable from here, as before
 from .memory import Turn
 from .model_loading import LoadedModel
 from .prompt import PromptBuilder
@@ -31,26 +32,6 @@ if TYPE_CHECKING:  # torch is imported only once a model is wanted
     from .kv_cache import PromptCache
 
 log = logging.getLogger("chatforge.generator")
-
-OnText = Callable[[str], None]
-"""Receives each new piece of reply text as it is generated."""
-
-
-class TextGenerator(Protocol):
-    """What the engine and plugins need from a generator (the test kit's fake has the same shape)."""
-
-    name: str
-
-    async def reply(self, history: Sequence[Turn], text: str, on_text: OnText | None = None) -> str:
-        """Answer `text` as the next turn after `history`."""
-        ...
-
-    async def complete(self, instruction: str, max_new_tokens: int | None = None) -> str:
-        """Answer a one-off instruction with no conversation history."""
-        ...
-
-    def close(self) -> None: ...
-
 
 class TransformersGenerator:
     """A causal language model loaded through transformers, answering on a worker thread."""

@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 
 from .config import Settings
 from .engine import Engine
-from .generator import OnText
+from .generation import OnText
 from .memory import InMemoryMemory, MemoryStore, Turn
 from .message import Message, Reply
 from .plugin_manager import PluginHost
