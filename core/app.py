@@ -9,13 +9,12 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .adapter import Adapter, AdapterError
-from .config import ConfigError, ConfigIssue, GeneratorConfig, Settings, UsageError, locate
+from .config import ConfigError, ConfigIssue, Settings, UsageError, locate
 from .engine import Engine
-from .generator import TextGenerator, TransformersGenerator
+from .generation import TextGenerator
 from .memory import InMemoryMemory, MemoryFileError, MemoryStore, SQLiteMemory
-from .model_loading import load_model
 from .plugin_manager import PluginError, PluginHost
-from .prompt import trim_step
+from .transformers_backend import TransformersBackend, prepare_model  # noqa: F401 - prepare_model: as before
 
 log = logging.getLogger("chatforge")
 
@@ -42,44 +41,14 @@ def create_memory(settings: Settings) -> MemoryStore:
         raise UsageError(f"memory.path: {exc}") from None
 
 
-def create_generator(settings: Settings) -> TextGenerator:
-    """Load the model, put it on its device in its precision, and wrap it in a generator.
+def create_generator(settings: Settings, host: PluginHost | None = None) -> TextGenerator:
+    """The generator of the backend `generator.backend` names, built from its validated config.
 
-    The device is checked before the model is loaded, so a missing GPU is a
-    config error at once rather than after a long load.
+    Without a host (a program or test building a generator alone), the default transformers backend.
     """
-    from . import numerics  # imports torch: only when a model is wanted
-
-    config = settings.generator
-    try:
-        numerics.resolve_device(config.device, config.dtype)
-    except numerics.DeviceUnavailable as exc:
-        issue = ConfigIssue("generator.device", str(exc))
-        raise ConfigError(locate([issue], settings.lines), settings.filename) from None
-    if config.runtime == "onnxruntime":
-        from . import onnx_runtime
-
-        try:
-            onnx_runtime.require()
-        except onnx_runtime.OnnxUnavailable as exc:
-            issue = ConfigIssue("generator.runtime", f"onnxruntime {exc}")
-            raise ConfigError(locate([issue], settings.lines), settings.filename) from None
-    cache_dir = settings.resolve_path(config.cache_dir)
-    loaded = load_model(config.model, cache_dir, fallback=config.fallback)
-    loaded.model = prepare_model(loaded.model, config, cache_dir)
-    return TransformersGenerator(loaded, config, history_tokens=settings.memory.max_tokens,
-                                 trim_turns=trim_step(settings.memory.max_turns))
-
-
-def prepare_model(model: Any, config: GeneratorConfig, cache_dir: Path) -> Any:
-    """The model as the generator will run it: on its device and in its precision, or under ONNX Runtime."""
-    if config.runtime == "onnxruntime":
-        from . import onnx_runtime
-
-        return onnx_runtime.load(model, cache_dir, config.quantize, config.threads)
-    from . import numerics
-
-    return numerics.prepare_model(model, config.device, config.dtype, config.quantize)
+    if host is None or host.generator_backend is None:
+        return TransformersBackend.create(settings.generator, settings)
+    return host.generator_backend.create(host.generator_config, settings)
 
 
 def create_engine(
@@ -95,7 +64,8 @@ def create_engine(
     opened = memory is None
     memory = memory if memory is not None else create_memory(settings)
     try:
-        engine = Engine(settings, host, generator if generator is not None else create_generator(settings), memory)
+        engine = Engine(settings, host, generator if generator is not None else create_generator(settings, host),
+                        memory)
     except BaseException:
         if opened:
             memory.close()

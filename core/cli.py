@@ -184,6 +184,9 @@ def list_plugins(settings: Settings, strict: bool) -> int:
         print(f"  commands: {', '.join(prefix + c for c in info.commands) or '-'}")
         if info.adapters:
             print(f"  adapters: {', '.join(info.adapters)}")
+        if info.generators:
+            chosen = settings.generator.backend
+            print(f"  generator backends: {', '.join(n + (' (chosen)' if n == chosen else '') for n in info.generators)}")
         for error in info.errors:
             print(f"  error:    {error}")
     for issue in issues:

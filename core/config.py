@@ -102,7 +102,15 @@ class StrictModel(BaseModel):
 
 # ---------------------------------------------------------------- core sections
 
+DEFAULT_BACKEND = "transformers"
+
+
 class GeneratorConfig(StrictModel):
+    """The `generator:` section for the default backend, the local transformers model."""
+
+    backend: Annotated[str, Field(min_length=1)] = DEFAULT_BACKEND
+    """Which generator backend answers: `transformers` (the local model, these keys), `openai` (a model
+    server speaking the OpenAI API, its own keys), or one a plugin registers."""
     model: str = "gpt2"
     """A Hugging Face Hub id, a local folder, or a .gguf file."""
     fallback: bool = True
@@ -260,8 +268,16 @@ class AdapterSection(BaseModel):
     enabled: bool = False
 
 
+def _only_the_backend_of_another_one(section: Any) -> Any:
+    """Another backend's `generator:` keys are that backend's to validate (PluginHost, once plugins have
+    registered their backends): here only `backend` is checked. The section stays in `Settings.raw`."""
+    if isinstance(section, dict) and section.get("backend", DEFAULT_BACKEND) != DEFAULT_BACKEND:
+        return {"backend": section["backend"]}
+    return section
+
+
 class Settings(StrictModel):
-    generator: GeneratorConfig = GeneratorConfig()
+    generator: Annotated[GeneratorConfig, BeforeValidator(_only_the_backend_of_another_one)] = GeneratorConfig()
     memory: MemoryConfig = MemoryConfig()
     bot: BotConfig = BotConfig()
     limits: LimitsConfig = LimitsConfig()

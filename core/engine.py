@@ -357,9 +357,10 @@ class Engine:
         try:
             text = await self.generator.reply(history, self.private(message.text), on_text)
         except Exception as exc:  # noqa: BLE001 - includes MemoryError from a too-big model
-            log.error("the generator failed: %s: %s", type(exc).__name__, exc)
+            source = getattr(self.generator, "failure_source", "the generator")  # e.g. "the model server at ..."
+            log.error("%s failed: %s: %s", source, type(exc).__name__, exc)
             log.debug("generator traceback", exc_info=True)
-            return apology("the generator")
+            return apology(source)
         if not text:
             text = "…"  # the model produced nothing usable; say something rather than stay silent
         return Reply(text, source="generator")

@@ -44,6 +44,12 @@ def chatforge_register_adapters(register: Callable[..., None]) -> None:
 
 
 @hookspec
+def chatforge_register_generators(register: Callable[..., None]) -> None:
+    """Register generator backends: `register(BackendClass)` (a `chatforge.generation.GeneratorBackend`);
+    chosen by `generator.backend` (default "transformers")."""
+
+
+@hookspec
 def chatforge_startup(bot: Bot, config: Any) -> None:
     """Called once the engine, generator and memory exist, before the first message."""
 

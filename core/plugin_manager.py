@@ -30,6 +30,7 @@ from pydantic import BaseModel
 
 from . import hookspecs, redaction
 from .commands import Command, CommandRegistry
+from .generation import GeneratorBackend
 from .skill import SkillError
 from .config import ConfigIssue, PluginSection, Settings, locate, validate_section
 
@@ -41,6 +42,8 @@ ENTRY_POINT_GROUP = "chatforge"
 # with chatforge; they use exactly the hooks a third-party plugin uses.
 BUILTIN_PLUGINS: dict[str, str] = {
     "core": "chatforge.builtin_commands",
+    "transformers": "chatforge.transformers_backend",
+    "openai": "chatforge.openai_backend",
     "sentiment": "chatforge.plugins.sentiment",
     "summarize": "chatforge.plugins.summarize",
     "translate": "chatforge.plugins.translate",
@@ -125,6 +128,7 @@ class PluginInfo:
     hooks: list[str] = field(default_factory=list)
     commands: list[str] = field(default_factory=list)
     adapters: list[str] = field(default_factory=list)
+    generators: list[str] = field(default_factory=list)
 
     @property
     def loaded(self) -> bool:
@@ -151,6 +155,9 @@ class PluginHost:
         self.commands = CommandRegistry()
         self.adapters: dict[str, type] = {}
         self.adapter_configs: dict[str, Any] = {}
+        self.generators: dict[str, type[GeneratorBackend]] = {}
+        self.generator_config: Any = None
+        """The `generator:` section as the chosen backend's `Config` validated it (None when it is wrong)."""
         self.module_issues: dict[str, ConfigIssue] = {}
         """plugin name -> why its `plugins.<name>.module` can never be a plugin (a config error, not a fault)."""
 
@@ -180,7 +187,10 @@ class PluginHost:
         issues = locate(list(self.module_issues.values()), self.settings.lines) + self._validate_plugin_configs()
         self._collect_adapters()
         issues += self._validate_adapter_configs()
-        redaction.REDACTOR.add(redaction.secrets_in(self.adapter_configs) + redaction.secrets_in(self.configs))
+        self._collect_generators()
+        issues += self._validate_generator_config()
+        redaction.REDACTOR.add(redaction.secrets_in(self.adapter_configs) + redaction.secrets_in(self.configs)
+                               + redaction.secrets_in(self.generator_config))
         self._register_commands()
         return issues
 
@@ -315,6 +325,52 @@ class PluginHost:
             config, found = validate_section(model, options, f"adapters.{name}", self.settings)
             issues += found
             self.adapter_configs[name] = config
+        return issues
+
+    def _collect_generators(self) -> None:
+        def register_for(plugin: str) -> Callable[[type], None]:
+            def register(backend: type) -> None:
+                name = getattr(backend, "name", None)
+                if not isinstance(name, str) or not name:
+                    raise ValueError(f"generator backend {backend!r} has no `name`")
+                if not (isinstance(getattr(backend, "Config", None), type)
+                        and issubclass(backend.Config, BaseModel)):
+                    raise ValueError(f"generator backend {name!r} has no pydantic `Config` model")
+                if name in self.generators:
+                    raise ValueError(f"generator backend {name!r} is already registered")
+                self.generators[name] = backend
+                self.infos[plugin].generators.append(name)
+            return register
+
+        self.call("chatforge_register_generators", register=PerPlugin(register_for))
+
+    @property
+    def generator_backend(self) -> type[GeneratorBackend] | None:
+        """The backend `generator.backend` names, if one is registered under that name."""
+        return self.generators.get(self.settings.generator.backend)
+
+    def _validate_generator_config(self) -> list[ConfigIssue]:
+        """Validate the `generator:` section with the chosen backend's own `Config`.
+
+        The default backend's keys were validated with the rest of the file (`GeneratorConfig`); another
+        backend's are validated here, from the section as written, with errors by YAML path as everywhere.
+        """
+        name = self.settings.generator.backend
+        backend = self.generator_backend
+        if backend is None:
+            known = sorted(self.generators)
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f'; did you mean "{close[0]}"?' if close else ""
+            issue = ConfigIssue("generator.backend", f'no generator backend named "{name}" '
+                                f'(available: {", ".join(known) or "none"}){hint}')
+            return locate([issue], self.settings.lines)
+        if isinstance(self.settings.generator, backend.Config):
+            self.generator_config = self.settings.generator
+            return []
+        options = self.settings.raw.get("generator")
+        config, issues = validate_section(backend.Config, dict(options) if isinstance(options, dict) else {},
+                                          "generator", self.settings)
+        self.generator_config = config
         return issues
 
     def _register_commands(self) -> None:
