@@ -50,7 +50,7 @@ def load_models(names: list[str]) -> dict[str, tuple]:
     import torch
     from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
-    from chatforge.model_loading import embedded_gguf_file, load_gguf
+    from chatforge.local.model_loading import embedded_gguf_file, load_gguf
 
     smol = load_gguf(embedded_gguf_file(), CACHE)
     smol_folder = Path(smol.model.name_or_path)
@@ -74,8 +74,8 @@ def load_models(names: list[str]) -> dict[str, tuple]:
 
 def chatforge_generator(folder: Path, **overrides):
     from chatforge.config import GeneratorConfig
-    from chatforge.generator import TransformersGenerator
-    from chatforge.model_loading import load_model
+    from chatforge.local.generator import TransformersGenerator
+    from chatforge.local.model_loading import load_model
     from chatforge.app import prepare_model
 
     # Greedy, no repetition penalty: the same decoding as the plain generate it is compared with.

@@ -14,7 +14,7 @@ from .engine import Engine
 from .generation import TextGenerator
 from .memory import InMemoryMemory, MemoryFileError, MemoryStore, SQLiteMemory
 from .plugin_manager import PluginError, PluginHost
-from .transformers_backend import TransformersBackend, prepare_model  # noqa: F401 - prepare_model: as before
+from .local.transformers_backend import TransformersBackend, prepare_model  # noqa: F401 - prepare_model: as before
 
 log = logging.getLogger("chatforge")
 

@@ -14,7 +14,7 @@ from . import __version__
 from .adapter import AdapterError
 from .app import AdapterStopped
 from .config import ConfigError, ConfigIssue, Settings, UsageError, find_config_file, load_settings
-from .model_loading import ModelLoadError
+from .local.model_loading import ModelLoadError  # torch-free: the local model's load failure
 from .plugin_manager import PluginError
 from .redaction import REDACTOR, install as install_redaction
 

@@ -132,7 +132,7 @@ class GeneratorConfig(StrictModel):
     """Weight precision; float16 is only fast (and only allowed) on a GPU."""
     quantize: Literal["none", "int8", "int8-dynamic"] = "none"
     """CPU only. `int8`: int8 weights, ~2.2-2.4x faster decoding, near-float32 quality;
-    `int8-dynamic`: int8 activations too, ~2.8x faster but lossy (see chatforge.numerics)."""
+    `int8-dynamic`: int8 activations too, ~2.8x faster but lossy (see chatforge.local.numerics)."""
 
     runtime: Literal["torch", "onnxruntime"] = "torch"
     """`onnxruntime`: the model is exported to ONNX once (cached in cache_dir) and run by ONNX Runtime on the

@@ -28,10 +28,9 @@ from .config import Settings
 from .delivery import split_message
 from .generation import OnText, TextGenerator
 from .guard import ConversationQueue, Notices, Place, RateLimiter, clean_text, too_long
-from .memory import MemoryStore, Turn, conversation_key
+from .memory import MemoryStore, Turn, conversation_key, window_start
 from .message import Message, Reply
 from .plugin_manager import FAILED, PluginError, PluginExited, PluginHost, contained
-from .prompt import window_start
 from .skill import SkillError
 
 log = logging.getLogger("chatforge.engine")

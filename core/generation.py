@@ -1,7 +1,7 @@
 """What the framework needs from a language model, and how a model backend plugs in.
 
 The engine talks to one `TextGenerator`; where its text comes from is a
-backend's business: the local transformers model (`chatforge.generator`), a
+backend's business: the local transformers model (`chatforge.local`), a
 model server speaking the OpenAI API, or a third party's. A backend is a
 `GeneratorBackend` subclass registered through the
 `chatforge_register_generators` hook and chosen by `generator.backend`;

@@ -58,6 +58,21 @@ def conversation_key(message: Message, scope: Literal["user", "chat"] = "user") 
     return json.dumps([message.platform, message.chat, message.thread, user])
 
 
+def trim_step(max_turns: int) -> int:
+    """Turns dropped at a time when a conversation outgrows its window: half of it, whole exchanges.
+
+    The engine recalls from `window_start`, and the local model's prompt (chatforge.local.prompt) trims
+    history in the same steps, so the prompt's start stays the same for several turns."""
+    return max(2, max_turns // 4 * 2)
+
+
+def window_start(total_turns: int, max_turns: int) -> int:
+    """Where a conversation of `total_turns` starts being recalled: fixed until it outgrows `max_turns`,
+    then moved on by `trim_step(max_turns)` turns at once (0 while everything fits)."""
+    step = trim_step(max_turns)
+    return 0 if total_turns <= max_turns else -(-(total_turns - max_turns) // step) * step
+
+
 class MemoryStore(Protocol):
     """What the engine needs from a memory backend."""
 

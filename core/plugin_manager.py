@@ -42,7 +42,7 @@ ENTRY_POINT_GROUP = "chatforge"
 # with chatforge; they use exactly the hooks a third-party plugin uses.
 BUILTIN_PLUGINS: dict[str, str] = {
     "core": "chatforge.builtin_commands",
-    "transformers": "chatforge.transformers_backend",
+    "transformers": "chatforge.local.transformers_backend",
     "openai": "chatforge.openai_backend",
     "sentiment": "chatforge.plugins.sentiment",
     "summarize": "chatforge.plugins.summarize",

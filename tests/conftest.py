@@ -79,7 +79,7 @@ def tiny_llama(tiny_gpt2, model_cache):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from chatforge.model_loading import LoadedModel, load_model
+    from chatforge.local.model_loading import LoadedModel, load_model
 
     tokenizer = load_model(str(tiny_gpt2), model_cache).tokenizer
     torch.manual_seed(0)

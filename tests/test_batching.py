@@ -12,11 +12,11 @@ import threading
 import pytest
 import torch
 
-from chatforge.batching import ContinuousBatcher, Job, Sampling
+from chatforge.local.batching import ContinuousBatcher, Job, Sampling
 from chatforge.config import GeneratorConfig
-from chatforge.generator import TransformersGenerator, end_cut_reply
+from chatforge.local.generator import TransformersGenerator, end_cut_reply
 from chatforge.memory import Turn
-from chatforge.model_loading import LoadedModel, load_model
+from chatforge.local.model_loading import LoadedModel, load_model
 from chatforge.testing import make_bot
 
 PROMPTS = [f"conversation {i}: " + "tell me about the sea " * (i * 3) for i in range(6)]
@@ -216,7 +216,7 @@ def test_a_cancelled_reply_frees_its_place_at_the_next_token(gpt2):
 
 
 def test_a_fault_in_the_shared_batch_fails_its_replies_and_the_worker_serves_on(gpt2, monkeypatch):
-    from chatforge import batching
+    from chatforge.local import batching
 
     generator = make_generator(gpt2, max_batch=2, kv_cache=False)
     batcher = generator.batcher

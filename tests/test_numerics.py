@@ -16,9 +16,9 @@ import torch
 
 from chatforge.app import create_generator
 from chatforge.config import ConfigError, GeneratorConfig, load_settings
-from chatforge.generator import TransformersGenerator
-from chatforge.model_loading import embedded_gguf_file, load_gguf, load_model
-from chatforge.numerics import Int8Linear, conv1d_to_linear, prepare_model
+from chatforge.local.generator import TransformersGenerator
+from chatforge.local.model_loading import embedded_gguf_file, load_gguf, load_model
+from chatforge.local.numerics import Int8Linear, conv1d_to_linear, prepare_model
 
 DYNAMIC_LINEAR = torch.ao.nn.quantized.dynamic.Linear
 
@@ -302,7 +302,7 @@ def stepwise_logits(model, ids: list[int]) -> torch.Tensor:
 @pytest.mark.slow
 def test_smollm2_on_onnxruntime_int8_keeps_its_quality(smollm2_float32, smollm2_reference, model_cache):
     """generator.runtime: onnxruntime with quantize: int8: perplexity within 2%, most greedy choices kept."""
-    from chatforge import onnx_runtime
+    from chatforge.local import onnx_runtime
 
     model, tokenizer = smollm2_float32
     reference_ppl, reference_answers = smollm2_reference

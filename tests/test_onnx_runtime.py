@@ -13,13 +13,13 @@ import asyncio
 import pytest
 import torch
 
-from chatforge import onnx_runtime
+from chatforge.local import onnx_runtime
 from chatforge.app import create_generator
 from chatforge.config import ConfigError, GeneratorConfig, load_settings
-from chatforge.generator import TransformersGenerator
+from chatforge.local.generator import TransformersGenerator
 from chatforge.memory import Turn
-from chatforge.model_loading import LoadedModel, load_model
-from chatforge.onnx_runtime import OnnxCausalLM
+from chatforge.local.model_loading import LoadedModel, load_model
+from chatforge.local.onnx_runtime import OnnxCausalLM
 
 PROMPTS = [f"conversation {i}: " + "tell me about the sea " * (i * 2) for i in range(5)]
 
@@ -157,7 +157,7 @@ def test_exporting_leaves_the_torch_model_as_it_was(gpt2, tmp_path):
 
 
 def test_a_model_that_cannot_be_exported_is_a_clear_error_leaving_nothing_behind(gpt2, tmp_path, monkeypatch):
-    from chatforge.model_loading import ModelLoadError
+    from chatforge.local.model_loading import ModelLoadError
 
     def export_fails(model, target):
         target.parent.mkdir(parents=True)

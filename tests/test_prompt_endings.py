@@ -7,8 +7,8 @@ import asyncio
 import pytest
 
 from chatforge.config import GeneratorConfig
-from chatforge.generator import TransformersGenerator, end_cut_reply
-from chatforge.model_loading import load_model
+from chatforge.local.generator import TransformersGenerator, end_cut_reply
+from chatforge.local.model_loading import load_model
 
 
 # ------------------------------------------------------------------ the rule, on text
@@ -73,7 +73,7 @@ def generator(loaded, **settings) -> TransformersGenerator:
 
 def raw_reply(loaded, text: str, max_new_tokens: int) -> tuple[str, int]:
     """What the tiny model writes, untouched: its greedy tokens straight from the batcher."""
-    from chatforge.batching import Job
+    from chatforge.local.batching import Job
 
     gen = generator(loaded, max_new_tokens=max_new_tokens)
     ids: list[int] = []
@@ -106,7 +106,7 @@ class ScriptedBatcher:
         self.ids = tokenizer.encode(text, add_special_tokens=False)
 
     def submit(self, job):
-        from chatforge.batching import GenerationStats
+        from chatforge.local.batching import GenerationStats
 
         new_tokens = 0
         for token in self.ids:

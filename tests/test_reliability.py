@@ -57,8 +57,8 @@ def test_mixed_scripts_emoji_and_right_to_left_text_are_kept_intact():
 
 def test_role_markers_in_a_message_do_not_become_prompt_lines(tiny_gpt2, model_cache):
     from chatforge.config import GeneratorConfig
-    from chatforge.generator import TransformersGenerator
-    from chatforge.model_loading import load_model
+    from chatforge.local.generator import TransformersGenerator
+    from chatforge.local.model_loading import load_model
 
     generator = TransformersGenerator(load_model(str(tiny_gpt2), model_cache),
                                       GeneratorConfig(temperature=0, max_new_tokens=4))

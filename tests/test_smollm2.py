@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 
-from chatforge.model_loading import embedded_gguf_file
+from chatforge.local.model_loading import embedded_gguf_file
 
 pytestmark = [
     pytest.mark.slow,
