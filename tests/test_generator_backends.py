@@ -12,7 +12,7 @@ from pathlib import Path
 
 from chatforge.config import GeneratorConfig, Settings, load_settings_from_dict
 from chatforge.plugin_manager import PluginHost
-from chatforge.transformers_backend import TransformersBackend
+from chatforge.local.transformers_backend import TransformersBackend
 
 ECHO_BACKEND = '''
 import sys
@@ -212,3 +212,72 @@ def test_a_model_server_that_is_down_gets_an_apology_naming_it_and_the_bot_goes_
     assert "Commands:" in result.stdout  # commands still work
     warnings = [line for line in result.stderr.splitlines() if f"127.0.0.1:{port}" in line]
     assert warnings and "Traceback" not in result.stderr
+
+
+def serve_with_model_server(folder: Path, base_url: str, adapter: str, env: dict[str, str]):
+    """`chatforge run` with `backend: openai` and one platform adapter; output goes to files."""
+    import os
+    import subprocess
+    import sys
+
+    config = openai_config(folder, base_url, adapter)
+    out, err = (folder / "stdout.txt").open("w"), (folder / "stderr.txt").open("w")
+    process = subprocess.Popen([str(Path(sys.executable).parent / "chatforge"), "run", "-c", str(config)],
+                               stdout=out, stderr=err, stdin=subprocess.DEVNULL, cwd=folder,
+                               env={**os.environ, "HF_HUB_OFFLINE": "1", **env})
+    return process, folder / "stderr.txt"
+
+
+def test_telegram_streams_a_model_servers_reply(tmp_path):
+    from fake_openai import FakeOpenAI
+    from fake_telegram import FakeTelegram
+    from processes import terminate
+
+    token = "123456789:AAF-fake-test-token-Zq8xW"
+    with FakeOpenAI(chunk_delay=0.1) as server, FakeTelegram(token) as telegram:
+        process, stderr = serve_with_model_server(tmp_path, server.base_url, textwrap.dedent(f"""\
+            adapters:
+              console: {{enabled: false}}
+              telegram: {{enabled: true, token: "${{TG}}", base_url: "{telegram.base_url}", poll_timeout: 2,
+                          stream: true, stream_interval: 0.3}}
+            """), {"TG": token})
+        try:
+            telegram.wait_for(lambda: telegram.count("getUpdates") > 0, 60, "the bot to poll")
+            telegram.enqueue_message("tell me a long story about the sea please", chat_id=42, user_id=42)
+            telegram.wait_for(lambda: any("about the sea please" in call.params.get("text", "")
+                                          for call in telegram.calls_to("editMessageText", chat_id=42)),
+                              30, "the streamed reply's last edit")
+        finally:
+            status = terminate(process, 15)
+        assert status == 0, stderr.read_text()
+        first = telegram.sent_messages(42)[0].params["text"]
+        assert first and "about the sea please" not in first  # the first words came before the whole reply
+        assert "Traceback" not in stderr.read_text()
+
+
+def test_discord_answers_with_a_model_servers_reply(tmp_path):
+    from fake_discord import CHANNEL_ID, FakeDiscord, user
+    from fake_openai import FakeOpenAI
+    from processes import terminate
+
+    token = "test-token-Zq8xWv3Kp"
+    alice = user("100000000000000001", "alice")
+    with FakeOpenAI() as server, FakeDiscord(token) as discord:
+        process, stderr = serve_with_model_server(tmp_path, server.base_url, textwrap.dedent(f"""\
+            adapters:
+              console: {{enabled: false}}
+              discord: {{enabled: true, token: "${{DC}}", api_base: "{discord.api_base}",
+                         gateway_url: "{discord.gateway_url}", respond_to: [all]}}
+            """), {"DC": token})
+        try:
+            discord.wait_ready(60)
+            since = discord.mark()
+            discord.dispatch_message("hello from discord", alice)
+            replies = discord.wait_until(
+                lambda: [r for r in discord.sent_messages(CHANNEL_ID, since)
+                         if "You said: hello from discord" in ((r.body or {}).get("content") or "")],
+                30, "the model server's reply")
+        finally:
+            status = terminate(process, 15)
+        assert status == 0, stderr.read_text()
+        assert replies and "Traceback" not in stderr.read_text()
