@@ -100,12 +100,28 @@ def stats_command(ctx: CommandContext) -> str:
     bot = ctx.bot
     uptime = int(time.time() - bot.started_at)
     failures = [info.name for info in bot.host.failures]
-    return "\n".join([
+    lines = [
         f"Up {uptime // 3600} h {uptime % 3600 // 60} min; answered {_plural(bot.answered, 'message')}.",
         f"Waiting or in progress: {bot.queue.pending} of at most {bot.settings.limits.max_pending}.",
         f"Model: {getattr(bot.generator, 'name', '?')}.",
-        f"Plugins with errors: {', '.join(failures) if failures else 'none'}.",
-    ])
+    ]
+    last = _last_generation(bot.generator)
+    if last:
+        lines.append(last)
+    lines.append(f"Plugins with errors: {', '.join(failures) if failures else 'none'}.")
+    return "\n".join(lines)
+
+
+def _last_generation(generator) -> str:
+    """Tokens and latency of the generator's last reply, where it measures them (both built-in backends do)."""
+    last = getattr(generator, "last_stats", None)
+    new, prompt = getattr(last, "new_tokens", None), getattr(last, "prompt_tokens", None)
+    if last is None or new is None:
+        return ""
+    prompt_part = f" to a {prompt}-token prompt" if prompt is not None else ""
+    total = getattr(generator, "generated_tokens", None)
+    since = f"; {total} tokens since start" if isinstance(total, int) else ""
+    return f"Last reply: {new} tokens{prompt_part} in {last.seconds:.2f} s{since}."
 
 
 @hookimpl

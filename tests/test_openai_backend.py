@@ -421,3 +421,19 @@ def test_an_engine_answers_with_the_server_and_apologises_when_it_fails(server):
         assert bot.ask("back?") == "You said: back?"  # recovers as soon as the server does
     finally:
         bot.close()
+
+
+def test_stats_show_the_model_servers_tokens_and_latency(server):
+    generator = make_generator(server.base_url)
+    bot = make_bot({"bot": {"admins": ["test:*"]}}, generator=generator)
+    try:
+        assert "Last reply:" not in bot.ask("/stats")  # nothing measured yet
+        bot.ask("hello there")
+        stats = bot.ask("/stats")
+        last = generator.last_stats
+        assert last.new_tokens and last.prompt_tokens
+        assert (f"Last reply: {last.new_tokens} tokens to a {last.prompt_tokens}-token prompt "
+                f"in {last.seconds:.2f} s; {generator.generated_tokens} tokens since start.") in stats
+        assert f"Model: {MODEL} at" in stats
+    finally:
+        bot.close()
