@@ -74,7 +74,7 @@ class PacedGenerator:
 
     async def reply(self, history, text, on_text=None):
         for word in WORDS:
-            await asyncio.sleep(0.06)
+            await asyncio.sleep(0.12)  # a 3 s stream: its edits survive a stalled first send on a loaded machine
             if on_text is not None:
                 on_text(word)
         return "".join(WORDS).strip()

@@ -51,23 +51,27 @@ def chatforge_register_commands(register):
 '''
 
 # A model that writes slowly: the real generator's pieces, replayed 50 ms apart.
-SLOW_PLUGIN = '''
+def slow_plugin(pause: float) -> str:
+    """A plugin whose generator streams 40 words `pause` seconds apart, whatever a random model would write."""
+    return f'''
 import asyncio
 from chatforge import hookimpl
 
 @hookimpl
 def chatforge_startup(bot):
     async def reply(history, text, on_text=None):
-        # 40 words, 0.05 s apart: a stream whose pace does not depend on what a random model writes
-        words = [f"word{index} " for index in range(40)]
+        words = [f"word{{index}} " for index in range(40)]
         for word in words:
             if on_text is not None:
                 on_text(word)
-            await asyncio.sleep(0.05)
+            await asyncio.sleep({pause})
         return "".join(words).strip()
 
     bot.generator.reply = reply
 '''
+
+
+SLOW_PLUGIN = slow_plugin(0.05)
 
 
 def write_config(folder: Path, tiny_gpt2: Path, model_cache: Path, base_url: str, telegram: str = "",
@@ -312,7 +316,8 @@ def test_sigterm_while_idle_exits_zero_with_clean_logs(fake, bot):
 
 def test_streaming_sends_once_then_edits_at_the_interval(tmp_path, tiny_gpt2, model_cache):
     with FakeTelegram(TOKEN) as fake:
-        config = write_config(tmp_path, tiny_gpt2, model_cache, fake.base_url, plugins={"slow": SLOW_PLUGIN},
+        # a 5 s stream: the edits it asserts still happen if the first send stalls 2 s on a loaded machine (seen in CI)
+        config = write_config(tmp_path, tiny_gpt2, model_cache, fake.base_url, plugins={"slow": slow_plugin(0.12)},
                               telegram="stream: true\nstream_interval: 0.3", max_new_tokens=40)
         bot = Bot(config)
         try:
