@@ -23,7 +23,8 @@ import time
 import tracemalloc
 from pathlib import Path
 
-from chatforge.memory import InMemoryMemory, SQLiteMemory
+from chatforge.memory import InMemoryMemory
+from chatforge.sqlite_memory import SQLiteMemory
 from chatforge.testing import make_bot
 
 CHATS, USERS_PER_CHAT, MESSAGES_PER_USER = 10, 5, 20

@@ -12,7 +12,8 @@ from .adapter import Adapter, AdapterError
 from .config import ConfigError, ConfigIssue, Settings, UsageError, locate
 from .engine import Engine
 from .generation import TextGenerator
-from .memory import InMemoryMemory, MemoryFileError, MemoryStore, SQLiteMemory
+from .memory import MemoryStore, MemoryUnavailable
+from .sqlite_memory import SQLiteBackend
 from .plugin_manager import PluginError, PluginHost
 from .local.transformers_backend import TransformersBackend, prepare_model  # noqa: F401 - prepare_model: as before
 
@@ -31,14 +32,22 @@ def load_plugins(settings: Settings, strict: bool = False) -> PluginHost:
     return host
 
 
-def create_memory(settings: Settings) -> MemoryStore:
-    """The configured memory; a file that cannot be used is a UsageError naming `memory.path` (exit status 2)."""
-    if settings.memory.backend == "memory":
-        return InMemoryMemory()
+def create_memory(settings: Settings, host: PluginHost | None = None) -> MemoryStore:
+    """The store `memory.backend` names, from its validated keys. A store that can never work as
+    configured (a refused file) is a UsageError naming its key (exit status 2).
+
+    Without a host (a program or test building a memory alone), the sqlite backend with its defaults.
+    """
+    if host is None or host.memory_backend is None:
+        backend, config = SQLiteBackend, SQLiteBackend.Config()
+    else:
+        backend, config = host.memory_backend, host.memory_config
     try:
-        return SQLiteMemory(settings.resolve_path(settings.memory.path))
-    except MemoryFileError as exc:
-        raise UsageError(f"memory.path: {exc}") from None
+        store = backend.create(config, settings)
+    except MemoryUnavailable as exc:
+        raise UsageError(str(exc)) from None
+    log.info("memory: %s", backend.describe(config, settings))
+    return store
 
 
 def create_generator(settings: Settings, host: PluginHost | None = None) -> TextGenerator:
@@ -62,7 +71,7 @@ def create_engine(
     The memory opens first: a bad memory file should cost a second, not a model load.
     """
     opened = memory is None
-    memory = memory if memory is not None else create_memory(settings)
+    memory = memory if memory is not None else create_memory(settings, host)
     try:
         engine = Engine(settings, host, generator if generator is not None else create_generator(settings, host),
                         memory)

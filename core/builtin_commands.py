@@ -6,7 +6,6 @@ as any third-party command.
 
 from __future__ import annotations
 
-import json
 import time
 
 from .commands import CommandContext
@@ -64,8 +63,7 @@ def _everything(ctx: CommandContext) -> str:
     for key, turn in kept:
         if key != current:
             current = key
-            _platform, chat, thread, _user = json.loads(key)
-            lines.append(f"[chat {chat}{f', thread {thread}' if thread else ''}]")
+            lines.append(f"[chat {key.chat}{f', thread {key.thread}' if key.thread else ''}]")
         when = time.strftime("%Y-%m-%d %H:%M", time.gmtime(turn.created_at))
         lines.append(f"{when} {_speaker(ctx, turn)}: {turn.text}")
     lines.append(f"{ctx.bot.command_prefix}forget deletes all of it.")

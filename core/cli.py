@@ -146,7 +146,7 @@ def check_config(settings: Settings, strict: bool, found: Sequence[ConfigIssue] 
               f"so {sections} could not be checked", file=sys.stderr)
     if issues or failed:
         return EXIT_CONFIG if issues else EXIT_FAILURE
-    problem = memory_file_problem(settings)
+    problem = memory_file_problem(settings, host)
     if problem:
         print(f"chatforge: {problem}", file=sys.stderr)
         return EXIT_CONFIG
@@ -154,15 +154,17 @@ def check_config(settings: Settings, strict: bool, found: Sequence[ConfigIssue] 
     return EXIT_OK
 
 
-def memory_file_problem(settings: Settings) -> str | None:
-    """What is wrong with the memory file, if one exists: a check opens it as a start would (and so
-    upgrades an older schema), but creates none."""
+def memory_file_problem(settings: Settings, host) -> str | None:
+    """What is wrong with the sqlite memory file, if one exists: a check opens it as a start would (and so
+    upgrades an older schema), but creates none. A server-backed store is not contacted by a check."""
     from .app import create_memory
 
-    if settings.memory.backend != "sqlite" or not settings.resolve_path(settings.memory.path).exists():
+    if settings.memory.backend != "sqlite" or host.memory_config is None:
+        return None
+    if not settings.resolve_path(host.memory_config.path).exists():
         return None
     try:
-        create_memory(settings).close()
+        create_memory(settings, host).close()
     except UsageError as exc:
         return str(exc)
     return None
@@ -187,6 +189,9 @@ def list_plugins(settings: Settings, strict: bool) -> int:
         if info.generators:
             chosen = settings.generator.backend
             print(f"  generator backends: {', '.join(n + (' (chosen)' if n == chosen else '') for n in info.generators)}")
+        if info.memory_backends:
+            chosen = settings.memory.backend
+            print(f"  memory backends: {', '.join(n + (' (chosen)' if n == chosen else '') for n in info.memory_backends)}")
         for error in info.errors:
             print(f"  error:    {error}")
     for issue in issues:

@@ -198,10 +198,19 @@ class GeneratorConfig(StrictModel):
     for a place. Decoding is memory-bound, so 8 at once take little longer than one; 1 answers in turn."""
 
 
+DEFAULT_MEMORY_BACKEND = "sqlite"
+
+
 class MemoryConfig(StrictModel):
-    backend: Literal["sqlite", "memory"] = "sqlite"
+    """The `memory:` section: the engine's keys, and the default backend's `path`.
+
+    Another backend's own keys (`url`, `pool_size` for postgres) are its `Config`'s to validate
+    (PluginHost, once plugins have registered their backends); here they are set aside."""
+
+    backend: Annotated[str, Field(min_length=1)] = DEFAULT_MEMORY_BACKEND
+    """A registered memory backend: `sqlite` (default), `memory` (nothing kept), `postgres`, or a plugin's."""
     path: str = "~/.local/share/chatforge/memory.sqlite3"
-    """SQLite file; a relative path is relative to the config file's folder."""
+    """sqlite: the file; a relative path is relative to the config file's folder."""
     scope: Literal["user", "chat"] = "user"
     """`user`: each person in a chat has their own memory; `chat`: the chat shares one."""
     max_turns: PositiveInt = 20
@@ -276,9 +285,18 @@ def _only_the_backend_of_another_one(section: Any) -> Any:
     return section
 
 
+def _only_the_engine_keys_for_another_store(section: Any) -> Any:
+    """With `memory.backend` other than sqlite, the keys that are not the engine's are that backend's to
+    validate (PluginHost); the section stays whole in `Settings.raw`."""
+    if isinstance(section, dict) and section.get("backend", DEFAULT_MEMORY_BACKEND) != DEFAULT_MEMORY_BACKEND:
+        engine_keys = set(MemoryConfig.model_fields) - {"path"}
+        return {key: value for key, value in section.items() if key in engine_keys}
+    return section
+
+
 class Settings(StrictModel):
     generator: Annotated[GeneratorConfig, BeforeValidator(_only_the_backend_of_another_one)] = GeneratorConfig()
-    memory: MemoryConfig = MemoryConfig()
+    memory: Annotated[MemoryConfig, BeforeValidator(_only_the_engine_keys_for_another_store)] = MemoryConfig()
     bot: BotConfig = BotConfig()
     limits: LimitsConfig = LimitsConfig()
     logging: LoggingConfig = LoggingConfig()

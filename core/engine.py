@@ -15,12 +15,15 @@ generator, the conversation memory and the command list.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import difflib
+import functools
 import inspect
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, AsyncIterator, Callable
 
 from . import pii
 from .commands import CommandContext, CommandRegistry, parse_command
@@ -28,7 +31,8 @@ from .config import Settings
 from .delivery import split_message
 from .generation import OnText, TextGenerator
 from .guard import ConversationQueue, Notices, Place, RateLimiter, clean_text, too_long
-from .memory import MemoryStore, Turn, conversation_key, window_start
+from .conversation import ConversationKey
+from .memory import MemoryStore, Turn, window_start
 from .message import Message, Reply
 from .plugin_manager import FAILED, PluginError, PluginExited, PluginHost, contained
 from .skill import SkillError
@@ -88,6 +92,12 @@ class Engine:
         self._forget_listeners: list[Callable[[Message], None]] = []
         self.fatal_error: PluginError | None = None
         self._fatal = asyncio.Event()
+        # Memory calls block (a file, a network database): the engine makes them here, never on the event
+        # loop, on threads of their own so that a slow store does not starve plugin hooks. One per message
+        # that may wait, plus a few: a conversation waiting for its lock in another process holds one.
+        self._memory_threads = ThreadPoolExecutor(max_workers=limits.max_pending + 4,
+                                                  thread_name_prefix="chatforge-memory")
+        self._lock_failures = Notices()
         self.purge_expired()
 
     # ------------------------------------------------------------ for plugins
@@ -104,9 +114,12 @@ class Engine:
     def commands(self) -> CommandRegistry:
         return self.host.commands
 
-    def conversation(self, message: Message) -> str:
+    def conversation(self, message: Message) -> ConversationKey:
         """The memory key of the conversation `message` belongs to."""
-        return conversation_key(message, self.settings.memory.scope)
+        return ConversationKey.of(message, self.settings.memory.scope)
+
+    # Plugin code runs in worker threads, so these memory calls may block there; the engine's own calls go
+    # through `_off_loop`.
 
     def history(self, message: Message) -> list[Turn]:
         """What the bot remembers of the conversation, oldest first (at most `memory.max_turns`)."""
@@ -131,7 +144,7 @@ class Engine:
         """Forget the conversation, or with `only_sender` just the sender's lines and the replies to them; how many."""
         return self.memory.forget(self.conversation(message), message.user if only_sender else None)
 
-    def about_user(self, message: Message) -> list[tuple[str, Turn]]:
+    def about_user(self, message: Message) -> list[tuple[ConversationKey, Turn]]:
         """Everything remembered about the sender on this platform, in every chat."""
         return self.memory.about_user(message.platform, message.user)
 
@@ -169,6 +182,46 @@ class Engine:
         """`text` with the personal data named in `memory.redact` replaced (before storage and the model)."""
         kinds = self.settings.memory.redact
         return pii.redact(text, kinds) if kinds else text
+
+    async def first_delivery(self, event: str) -> bool:
+        """Whether this is the first time `event` (a platform's update id, e.g. "telegram:8812") arrives,
+        here or in another process sharing the memory; an adapter drops an update seen before.
+        When the memory cannot say (a database down), the update is answered: better twice than never."""
+        try:
+            return await self._off_loop(self.memory.claim, event)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("memory: could not check whether %s was already answered (%s: %s); answering it",
+                        event, type(exc).__name__, exc)
+            return True
+
+    async def _off_loop(self, function: Callable[..., Any], *args: Any) -> Any:
+        """Run a blocking memory call on the memory threads."""
+        return await asyncio.get_running_loop().run_in_executor(
+            self._memory_threads, functools.partial(function, *args))
+
+    @contextlib.asynccontextmanager
+    async def _conversation_lock(self, key: ConversationKey) -> AsyncIterator[None]:
+        """The store's lock on the conversation (exclusive across processes sharing a database).
+
+        If the store cannot give it (a database down), the message is answered anyway: the in-process
+        queue still orders it, and the failure is logged once a minute.
+        """
+        try:
+            held = self.memory.lock(key)
+            await self._off_loop(held.__enter__)
+        except Exception as exc:  # noqa: BLE001
+            if self._lock_failures.due("lock"):
+                log.warning("memory: could not lock the conversation %s (%s: %s); answering without the lock",
+                            key, type(exc).__name__, exc)
+            yield
+            return
+        try:
+            yield
+        finally:
+            try:
+                await self._off_loop(held.__exit__, None, None, None)
+            except Exception as exc:  # noqa: BLE001 - the database went away: its session lock went with it
+                log.warning("memory: could not unlock the conversation %s: %s: %s", key, type(exc).__name__, exc)
 
     async def generate(self, instruction: str, max_new_tokens: int | None = None) -> str:
         """Ask the language model a one-off question, outside any conversation."""
@@ -225,7 +278,8 @@ class Engine:
             if not admission.admitted:
                 return admission.refusal
             message = admission.message
-            async with self.queue.turn(self.conversation(message)):
+            key = self.conversation(message)
+            async with self.queue.turn(key), self._conversation_lock(key):
                 reply = await self._answer(message, on_text)
         except PluginError as exc:  # strict mode: a plugin failed, the bot stops (see `stopped_by_plugin`)
             if self.fatal_error is None:
@@ -247,7 +301,7 @@ class Engine:
         assert self.fatal_error is not None
         return self.fatal_error
 
-    def _busy(self, conversation: str) -> Reply | None:
+    def _busy(self, conversation: ConversationKey) -> Reply | None:
         """Say "busy" once a minute per conversation: a flood in one chat gets one answer, not thousands."""
         if not self._told_busy.due(conversation):
             return None
@@ -297,7 +351,7 @@ class Engine:
             reply.text = split_message(reply.text, limit - 2)[0] + "\n…"
 
         if reply.remember and reply.text:
-            self._remember(message, reply)
+            await self._off_loop(self._remember, message, reply)
         return reply
 
     async def _settle(self, plugin: str, hook_name: str, result: Any, failed: Any = None) -> Any:
@@ -349,9 +403,10 @@ class Engine:
 
     async def _generate(self, message: Message, on_text: OnText | None) -> Reply:
         try:
-            history = self.context(message)
+            history = await self._off_loop(self.context, message)
         except Exception as exc:  # noqa: BLE001 - an unreadable memory: answer without context
-            log.error("could not read the conversation's memory: %s: %s", type(exc).__name__, exc)
+            log.error("memory: could not read the conversation %s (%s: %s); answering without its history",
+                      self.conversation(message), type(exc).__name__, exc)
             history = []
         try:
             text = await self.generator.reply(history, self.private(message.text), on_text)
@@ -365,6 +420,8 @@ class Engine:
         return Reply(text, source="generator")
 
     def _remember(self, message: Message, reply: Reply) -> None:
+        """Store the question and its answer together (on a memory thread); a failure loses the turn, and
+        says so in one line, but never the reply."""
         key = self.conversation(message)
         now = time.time()
         try:
@@ -374,8 +431,9 @@ class Engine:
                             Turn("assistant", self.private(reply.text), now, "", self.name,
                                  reply_to=message.user))
             self.purge_expired()
-        except Exception as exc:  # noqa: BLE001 - a full disk must not stop the reply
-            log.error("could not save the conversation turn: %s: %s", type(exc).__name__, exc)
+        except Exception as exc:  # noqa: BLE001 - a full disk or a database down must not stop the reply
+            log.error("memory: could not save a turn of %s (%s: %s); the turn is lost, the reply is still sent",
+                      key, type(exc).__name__, exc)
 
     async def close(self) -> None:
         """Run shutdown hooks, then release the generator and memory."""
@@ -385,4 +443,5 @@ class Engine:
             if inspect.isawaitable(closing):  # a server backend closes its connections
                 await closing
         finally:
+            self._memory_threads.shutdown(wait=True)
             self.memory.close()

@@ -50,6 +50,12 @@ def chatforge_register_generators(register: Callable[..., None]) -> None:
 
 
 @hookspec
+def chatforge_register_memory_backends(register: Callable[..., None]) -> None:
+    """Register memory stores: `register(BackendClass)` (a `chatforge.memory.MemoryBackend`);
+    chosen by `memory.backend` (default "sqlite")."""
+
+
+@hookspec
 def chatforge_startup(bot: Bot, config: Any) -> None:
     """Called once the engine, generator and memory exist, before the first message."""
 

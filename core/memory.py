@@ -1,9 +1,13 @@
-"""Conversation memory: what the bot remembers of each conversation.
+"""Conversation memory: what the bot remembers of each conversation, and how a store plugs in.
 
-A conversation is identified by (platform, chat, thread, user); with
-`scope: chat` the user is left out so a whole group chat shares one memory.
-`SQLiteMemory` is the default (one file, WAL, every turn committed as it is
-added); `InMemoryMemory` is for tests and throw-away sessions.
+A store keeps `Turn`s under a `ConversationKey`. Stores are backends like
+generators and adapters: a `MemoryBackend` registered through the
+`chatforge_register_memory_backends` hook and chosen by `memory.backend`
+(`sqlite` by default, `memory`, `postgres`, or a third party's). Store
+methods are plain blocking calls; the engine makes them off the event loop
+(in its own threads), and plugin code already runs in worker threads, so a
+slow database never stalls the loop. `chatforge.testing.MemoryStoreContract`
+is the conformance suite every store passes.
 
 In a shared conversation each line still has an owner: a user line is its
 speaker's, a bot line belongs to the person it answered (`Turn.reply_to`).
@@ -12,18 +16,20 @@ That is what a member's /reset and anyone's /forget delete.
 
 from __future__ import annotations
 
-import json
-import logging
-import sqlite3
+import contextlib
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, ContextManager, Literal, Protocol
 
+from pydantic import BaseModel
+
+from .conversation import ConversationKey
+from .hookspecs import hookimpl
 from .message import Message
 
-log = logging.getLogger("chatforge.memory")
+if TYPE_CHECKING:
+    from .config import Settings
 
 Role = Literal["user", "assistant"]
 
@@ -42,8 +48,8 @@ class Turn:
     reply_to: str = ""
     """For a bot line: the user it answered, so that the reply goes when that person is forgotten.
 
-    Files from before schema 3 did not record it; their bot lines get it from the
-    question stored with them where that is unambiguous (see MIGRATIONS).
+    SQLite files from before schema 3 did not record it; their bot lines get it from the
+    question stored with them where that is unambiguous (see chatforge.sqlite_memory).
     """
 
     @property
@@ -52,10 +58,9 @@ class Turn:
         return self.reply_to if self.role == "assistant" else self.user
 
 
-def conversation_key(message: Message, scope: Literal["user", "chat"] = "user") -> str:
-    """A stable, unambiguous key for the conversation a message belongs to."""
-    user = message.user if scope == "user" else None
-    return json.dumps([message.platform, message.chat, message.thread, user])
+def conversation_key(message: Message, scope: Literal["user", "chat"] = "user") -> ConversationKey:
+    """The key of the conversation a message belongs to (kept for plugins: `ConversationKey.of`)."""
+    return ConversationKey.of(message, scope)
 
 
 def trim_step(max_turns: int) -> int:
@@ -73,23 +78,29 @@ def window_start(total_turns: int, max_turns: int) -> int:
     return 0 if total_turns <= max_turns else -(-(total_turns - max_turns) // step) * step
 
 
-class MemoryStore(Protocol):
-    """What the engine needs from a memory backend."""
+CLAIMS_KEPT_FOR = 86400.0
+"""Seconds a claimed event id is remembered: platforms redeliver within minutes, not days."""
 
-    def add(self, key: str, *turns: Turn) -> None:
-        """Append turns to a conversation, all or none (a question and its answer go in together)."""
+
+class MemoryStore(Protocol):
+    """What the engine needs from a memory backend. Every method may block; none is called on the event loop."""
+
+    def add(self, key: ConversationKey, *turns: Turn) -> None:
+        """Append turns to a conversation, all or none, with nothing of another writer between them
+        (a question and its answer go in together)."""
         ...
-    def recent(self, key: str, limit: int) -> list[Turn]:
+    def recent(self, key: ConversationKey, limit: int) -> list[Turn]:
         """The newest `limit` turns, oldest first."""
         ...
-    def count(self, key: str) -> int:
+    def count(self, key: ConversationKey) -> int:
         """How many turns the conversation has."""
         ...
-    def forget(self, key: str, user: str | None = None) -> int:
+    def forget(self, key: ConversationKey, user: str | None = None) -> int:
         """Delete the conversation, or only `user`'s lines of it and the bot's replies to them; how many."""
         ...
-    def about_user(self, platform: str, user: str) -> list[tuple[str, Turn]]:
-        """Every turn kept about a person: their own conversations, their lines and replies to them in shared ones."""
+    def about_user(self, platform: str, user: str) -> list[tuple[ConversationKey, Turn]]:
+        """Every turn kept about a person, oldest first: their own conversations, and their lines and the
+        replies to them in shared ones."""
         ...
     def forget_user(self, platform: str, user: str) -> int:
         """Delete everything `about_user` returns; how many turns were deleted."""
@@ -97,38 +108,104 @@ class MemoryStore(Protocol):
     def purge_before(self, timestamp: float) -> int:
         """Delete turns older than `timestamp` (the retention period); how many."""
         ...
+    def claim(self, event: str) -> bool:
+        """True for the first caller to claim `event` (a platform's update id), False for every later one,
+        in this process or another sharing the store: an update delivered twice is answered once."""
+        ...
+    def lock(self, key: ConversationKey) -> ContextManager[None]:
+        """Held while a message of the conversation is answered. A store shared by several processes
+        makes it exclusive across them (per-conversation order); a local store may return a no-op."""
+        ...
     def close(self) -> None: ...
 
 
-def belongs_to(key: str, turn: Turn, platform: str, user: str) -> bool:
+def belongs_to(key: ConversationKey, turn: Turn, platform: str, user: str) -> bool:
     """Whether a turn is about this person: their own conversation, or their line or a reply to them in a shared one."""
-    key_platform, _chat, _thread, key_user = json.loads(key)
-    return key_platform == platform and (key_user == user or (key_user is None and turn.owner == user))
+    return key.platform == platform and (key.user == user or (key.user is None and turn.owner == user))
+
+
+class MemoryBackend:
+    """A kind of memory store, chosen by `memory.backend: <name>`.
+
+    Subclass it, set `name` and `Config` (a pydantic model of the backend's own keys of the `memory:`
+    section; the engine's keys, scope, max_turns, retention_days..., are not in it), and open the store in
+    `create`. Keep a driver's import inside `create`. Raise `MemoryUnavailable` with a one-line reason
+    when the store can never work as configured (a refused file); a server that is merely down should
+    not stop the bot: fail the calls until it returns.
+    """
+
+    name: ClassVar[str]
+    Config: ClassVar[type[BaseModel]]
+
+    @classmethod
+    def create(cls, config: Any, settings: "Settings") -> MemoryStore:
+        raise NotImplementedError
+
+    @classmethod
+    def describe(cls, config: Any, settings: "Settings") -> str:
+        """Where the store keeps its data, for `chatforge plugins` and logs (never a password)."""
+        return cls.name
+
+
+class MemoryUnavailable(RuntimeError):
+    """The configured memory cannot be used: the `memory.<key>` at fault and why, in one line."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"memory.{key}: {problem}")
+        self.key = key
+
+
+class EventClaims:
+    """Claimed event ids within one process, forgotten after `CLAIMS_KEPT_FOR` (for stores no other
+    process shares)."""
+
+    def __init__(self) -> None:
+        self._claimed: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def claim(self, event: str) -> bool:
+        now = time.time()
+        with self._lock:
+            if len(self._claimed) > 1000:
+                self._claimed = {e: at for e, at in self._claimed.items() if at > now - CLAIMS_KEPT_FOR}
+            if event in self._claimed:
+                return False
+            self._claimed[event] = now
+            return True
 
 
 class InMemoryMemory:
     """Memory that lives as long as the process: for tests and experiments."""
 
     def __init__(self) -> None:
-        self._turns: dict[str, list[Turn]] = {}
+        self._turns: dict[ConversationKey, list[Turn]] = {}
+        self._lock = threading.Lock()
+        self._claims = EventClaims()
 
-    def add(self, key: str, *turns: Turn) -> None:
-        self._turns.setdefault(key, []).extend(turns)
+    def add(self, key: ConversationKey, *turns: Turn) -> None:
+        stamped = [turn if turn.created_at else _stamped(turn) for turn in turns]
+        with self._lock:
+            self._turns.setdefault(key, []).extend(stamped)
 
-    def recent(self, key: str, limit: int) -> list[Turn]:
-        return list(self._turns.get(key, [])[-limit:]) if limit > 0 else []
+    def recent(self, key: ConversationKey, limit: int) -> list[Turn]:
+        with self._lock:
+            return list(self._turns.get(key, [])[-limit:]) if limit > 0 else []
 
-    def count(self, key: str) -> int:
-        return len(self._turns.get(key, []))
+    def count(self, key: ConversationKey) -> int:
+        with self._lock:
+            return len(self._turns.get(key, []))
 
-    def forget(self, key: str, user: str | None = None) -> int:
+    def forget(self, key: ConversationKey, user: str | None = None) -> int:
         if user is None:
-            return len(self._turns.pop(key, []))
+            with self._lock:
+                return len(self._turns.pop(key, []))
         return self._remove(lambda turn_key, turn: turn_key == key and turn.owner == user)
 
-    def about_user(self, platform: str, user: str) -> list[tuple[str, Turn]]:
-        return [(key, turn) for key, turns in self._turns.items() for turn in turns
-                if belongs_to(key, turn, platform, user)]
+    def about_user(self, platform: str, user: str) -> list[tuple[ConversationKey, Turn]]:
+        with self._lock:
+            found = [(key, turn) for key, turns in self._turns.items() for turn in turns
+                     if belongs_to(key, turn, platform, user)]
+        return sorted(found, key=lambda pair: pair[1].created_at)
 
     def forget_user(self, platform: str, user: str) -> int:
         return self._remove(lambda key, turn: belongs_to(key, turn, platform, user))
@@ -136,228 +213,50 @@ class InMemoryMemory:
     def purge_before(self, timestamp: float) -> int:
         return self._remove(lambda key, turn: turn.created_at < timestamp)
 
+    def claim(self, event: str) -> bool:
+        return self._claims.claim(event)
+
+    def lock(self, key: ConversationKey) -> ContextManager[None]:
+        return contextlib.nullcontext()  # one process: the engine's queue already orders the conversation
+
     def _remove(self, doomed) -> int:
         removed = 0
-        for key in list(self._turns):
-            kept = [turn for turn in self._turns[key] if not doomed(key, turn)]
-            removed += len(self._turns[key]) - len(kept)
-            if kept:
-                self._turns[key] = kept
-            else:
-                del self._turns[key]
+        with self._lock:
+            for key in list(self._turns):
+                kept = [turn for turn in self._turns[key] if not doomed(key, turn)]
+                removed += len(self._turns[key]) - len(kept)
+                if kept:
+                    self._turns[key] = kept
+                else:
+                    del self._turns[key]
         return removed
 
     def close(self) -> None:
         pass
 
 
-# Each entry upgrades the schema by one version; PRAGMA user_version records
-# how many have been applied. Append new migrations, never edit old ones.
-MIGRATIONS: list[str] = [
-    """
-    CREATE TABLE turns (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        conversation TEXT NOT NULL,
-        role TEXT NOT NULL CHECK (role IN ('user', 'assistant')),
-        text TEXT NOT NULL,
-        user_id TEXT NOT NULL DEFAULT '',
-        display_name TEXT NOT NULL DEFAULT '',
-        created_at REAL NOT NULL
-    );
-    CREATE INDEX turns_by_conversation ON turns (conversation, id);
-    """,
-    """
-    ALTER TABLE turns ADD COLUMN meta TEXT NOT NULL DEFAULT '{}';
-    """,
-    # Whom a bot line answered. Older bot lines get the speaker of the user line
-    # stored just before them in the same add() (the previous id, same conversation,
-    # same created_at: chatforge stored each question and its answer together);
-    # any other bot line stays '' (nobody's): only a whole-conversation /reset removes it.
-    """
-    ALTER TABLE turns ADD COLUMN reply_to TEXT NOT NULL DEFAULT '';
-    UPDATE turns SET reply_to = COALESCE((
-        SELECT question.user_id FROM turns AS question
-        WHERE question.id = turns.id - 1 AND question.conversation = turns.conversation
-          AND question.role = 'user' AND question.created_at = turns.created_at), '')
-    WHERE role = 'assistant';
-    """,
-]
-
-# SQL for Turn.owner.
-_OWNER = "(CASE role WHEN 'assistant' THEN reply_to ELSE user_id END)"
-_COLUMNS = "role, text, created_at, user_id, display_name, meta, reply_to"
+def _stamped(turn: Turn) -> Turn:
+    from dataclasses import replace
+    return replace(turn, created_at=time.time())
 
 
-def _turn(row: tuple) -> Turn:
-    return Turn(*row[:5], meta=json.loads(row[5]), reply_to=row[6])
+class InMemoryBackend(MemoryBackend):
+    """`memory.backend: memory`: nothing is kept after the process ends."""
+
+    name = "memory"
+
+    class Config(BaseModel):
+        model_config = {"extra": "forbid"}
+
+    @classmethod
+    def create(cls, config: Any, settings: "Settings") -> MemoryStore:
+        return InMemoryMemory()
+
+    @classmethod
+    def describe(cls, config: Any, settings: "Settings") -> str:
+        return "memory (in this process only)"
 
 
-class MemoryFileError(RuntimeError):
-    """The memory file cannot be used: what is wrong with it and what to do, in one line."""
-
-    def __init__(self, path: Path, problem: str, advice: str) -> None:
-        super().__init__(f"{path}: {problem}; {advice}")
-
-
-_ELSEWHERE = "move it aside or point memory.path at another file"
-
-
-def _diagnose(path: Path, exc: BaseException) -> tuple[str, str]:
-    """What is wrong with a memory file that would not open, and what to do: SQLite's own words name neither."""
-    text = str(exc)
-    if path.is_dir():
-        return "is a folder, not a file", f"point memory.path at a file, e.g. {path / 'memory.sqlite3'}"
-    if isinstance(exc, OSError):
-        where = f": {exc.filename}" if exc.filename else ""
-        return f"cannot be created ({exc.strerror or exc}{where})", "point memory.path at a folder chatforge can write"
-    if "disk is full" in text:
-        return "cannot be written: the disk is full", "free some space or point memory.path at another disk"
-    if "disk I/O error" in text:
-        return ("cannot be written (disk I/O error): the disk may be full, over quota or failing",
-                "free some space, check the disk, or point memory.path at another disk")
-    if "readonly" in text or "unable to open" in text:
-        return (f"cannot be opened for writing ({text})",
-                "check the permissions of the file and its folder, or point memory.path elsewhere")
-    if "not a database" in text or "malformed" in text:
-        try:
-            with path.open("rb") as file:
-                header, size = file.read(100), path.stat().st_size
-        except OSError:
-            header, size = b"", 0
-        if not header.startswith(b"SQLite format 3\0"):
-            return "is not an SQLite database", _ELSEWHERE
-        expected = 100
-        if len(header) == 100 and header[24:28] == header[92:96]:  # the header's page count is valid
-            page_size = int.from_bytes(header[16:18], "big")
-            expected = (65536 if page_size == 1 else page_size) * int.from_bytes(header[28:32], "big")
-        if size < expected:
-            return f"is truncated ({size} of {expected} bytes)", _ELSEWHERE
-        return f"is damaged ({text})", f'try `sqlite3 {path} ".recover"` to save what can be read; or {_ELSEWHERE}'
-    return f"cannot be opened ({type(exc).__name__}: {text})", _ELSEWHERE
-
-
-class SQLiteMemory:
-    """Memory in one SQLite file, safe to share between the event loop and worker threads.
-
-    A file that cannot be used raises MemoryFileError, which says why in one
-    line. Damaged pages found by `PRAGMA quick_check` at start are one warning:
-    the bot goes on with what can still be read rather than refuse to start.
-    """
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path).expanduser()
-        self._lock = threading.Lock()
-        try:
-            self._open(in_memory=str(path) == ":memory:")
-        except BaseException as exc:
-            if hasattr(self, "_db"):
-                self._db.close()  # don't leak the connection (and the open file) on a refused file
-            if isinstance(exc, (sqlite3.Error, OSError)):
-                raise MemoryFileError(self.path, *_diagnose(self.path, exc)) from exc
-            raise
-
-    def _open(self, in_memory: bool) -> None:
-        if not in_memory:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-        # isolation_level=None: autocommit, so each add() is durable on return.
-        self._db = sqlite3.connect(":memory:" if in_memory else str(self.path),
-                                   isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("PRAGMA busy_timeout=5000")
-        damage = self._quick_check()
-        if damage:
-            log.warning('memory.path: %s is damaged (%s); serving what can still be read. To keep it, stop chatforge, '
-                        'run `sqlite3 %s ".recover" | sqlite3 recovered.sqlite3` and point memory.path at the new '
-                        'file; or move the damaged one aside to start afresh', self.path, damage, self.path)
-        self._migrate()
-
-    def _quick_check(self) -> str:
-        """What `PRAGMA quick_check` finds wrong, "" if nothing. SQLite may raise after its first finding."""
-        found = []
-        try:
-            for (line,) in self._db.execute("PRAGMA quick_check(3)"):
-                found.append(" ".join(line.split()))
-        except sqlite3.OperationalError:
-            raise  # locked, I/O error: not damage, and reported as such
-        except sqlite3.DatabaseError as exc:
-            found.append(str(exc))
-        return "" if found == ["ok"] else "; ".join(found)
-
-    @property
-    def schema_version(self) -> int:
-        return self._db.execute("PRAGMA user_version").fetchone()[0]
-
-    def _migrate(self) -> None:
-        with self._lock:
-            current = self.schema_version
-            if current > len(MIGRATIONS):
-                raise MemoryFileError(self.path, f"was written by a newer chatforge (schema {current} > "
-                                      f"{len(MIGRATIONS)})", "upgrade chatforge, or point memory.path at another file")
-            for version, script in enumerate(MIGRATIONS[current:], start=current + 1):
-                self._db.executescript(
-                    f"BEGIN; {script}; PRAGMA user_version = {version}; COMMIT;"
-                )
-
-    def add(self, key: str, *turns: Turn) -> None:
-        rows = [(key, turn.role, turn.text, turn.user, turn.display_name, turn.created_at or time.time(),
-                 json.dumps(turn.meta, default=str), turn.reply_to) for turn in turns]
-        with self._lock:
-            try:
-                self._db.execute("BEGIN IMMEDIATE")
-                self._db.executemany(
-                    "INSERT INTO turns (conversation, role, text, user_id, display_name, created_at, meta, reply_to)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
-                self._db.execute("COMMIT")  # durable when add() returns (synchronous=FULL)
-            except BaseException:
-                if self._db.in_transaction:
-                    self._db.execute("ROLLBACK")
-                raise
-
-    def recent(self, key: str, limit: int) -> list[Turn]:
-        if limit <= 0:
-            return []
-        with self._lock:
-            rows = self._db.execute(
-                f"SELECT {_COLUMNS} FROM turns WHERE conversation = ? ORDER BY id DESC LIMIT ?",
-                (key, limit),
-            ).fetchall()
-        return [_turn(row) for row in reversed(rows)]
-
-    def count(self, key: str) -> int:
-        with self._lock:
-            return self._db.execute("SELECT COUNT(*) FROM turns WHERE conversation = ?", (key,)).fetchone()[0]
-
-    def forget(self, key: str, user: str | None = None) -> int:
-        with self._lock:
-            if user is None:
-                return self._db.execute("DELETE FROM turns WHERE conversation = ?", (key,)).rowcount
-            return self._db.execute(f"DELETE FROM turns WHERE conversation = ? AND {_OWNER} = ?",
-                                    (key, user)).rowcount
-
-    # A person's turns: their own conversations (the key's 4th item is them), and
-    # their lines and the replies to them in conversations a whole chat shares
-    # (the key's 4th item is null).
-    _ABOUT_USER = ("json_extract(conversation, '$[0]') = :platform AND ("
-                   "json_extract(conversation, '$[3]') = :user OR "
-                   f"(json_extract(conversation, '$[3]') IS NULL AND {_OWNER} = :user))")
-
-    def about_user(self, platform: str, user: str) -> list[tuple[str, Turn]]:
-        with self._lock:
-            rows = self._db.execute(
-                f"SELECT conversation, {_COLUMNS} FROM turns"
-                f" WHERE {self._ABOUT_USER} ORDER BY id", {"platform": platform, "user": user}).fetchall()
-        return [(row[0], _turn(row[1:])) for row in rows]
-
-    def forget_user(self, platform: str, user: str) -> int:
-        with self._lock:
-            return self._db.execute(f"DELETE FROM turns WHERE {self._ABOUT_USER}",
-                                    {"platform": platform, "user": user}).rowcount
-
-    def purge_before(self, timestamp: float) -> int:
-        with self._lock:
-            return self._db.execute("DELETE FROM turns WHERE created_at < ?", (timestamp,)).rowcount
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
+@hookimpl
+def chatforge_register_memory_backends(register) -> None:
+    register(InMemoryBackend)

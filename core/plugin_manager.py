@@ -31,6 +31,7 @@ from pydantic import BaseModel
 from . import hookspecs, redaction
 from .commands import Command, CommandRegistry
 from .generation import GeneratorBackend
+from .memory import MemoryBackend
 from .skill import SkillError
 from .config import ConfigIssue, PluginSection, Settings, locate, validate_section
 
@@ -44,6 +45,8 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "core": "chatforge.builtin_commands",
     "transformers": "chatforge.local.transformers_backend",
     "openai": "chatforge.openai_backend",
+    "sqlite": "chatforge.sqlite_memory",
+    "memory": "chatforge.memory",
     "sentiment": "chatforge.plugins.sentiment",
     "summarize": "chatforge.plugins.summarize",
     "translate": "chatforge.plugins.translate",
@@ -129,6 +132,7 @@ class PluginInfo:
     commands: list[str] = field(default_factory=list)
     adapters: list[str] = field(default_factory=list)
     generators: list[str] = field(default_factory=list)
+    memory_backends: list[str] = field(default_factory=list)
 
     @property
     def loaded(self) -> bool:
@@ -158,6 +162,9 @@ class PluginHost:
         self.generators: dict[str, type[GeneratorBackend]] = {}
         self.generator_config: Any = None
         """The `generator:` section as the chosen backend's `Config` validated it (None when it is wrong)."""
+        self.memory_backends: dict[str, type[MemoryBackend]] = {}
+        self.memory_config: Any = None
+        """The chosen memory backend's own keys of `memory:`, as its `Config` validated them."""
         self.module_issues: dict[str, ConfigIssue] = {}
         """plugin name -> why its `plugins.<name>.module` can never be a plugin (a config error, not a fault)."""
 
@@ -185,12 +192,17 @@ class PluginHost:
             if section.module and name not in self.infos:
                 self._load(name, "config", section.module, lambda m=section.module, n=name: self._import_configured(n, m))
         issues = locate(list(self.module_issues.values()), self.settings.lines) + self._validate_plugin_configs()
-        self._collect_adapters()
+        self._collect("chatforge_register_adapters", "adapter", self.adapters, "adapters", needs_config=False)
         issues += self._validate_adapter_configs()
-        self._collect_generators()
+        self._collect("chatforge_register_generators", "generator backend", self.generators, "generators",
+                      needs_config=True)
         issues += self._validate_generator_config()
+        self._collect("chatforge_register_memory_backends", "memory backend", self.memory_backends,
+                      "memory_backends", needs_config=True)
+        issues += self._validate_memory_config()
         redaction.REDACTOR.add(redaction.secrets_in(self.adapter_configs) + redaction.secrets_in(self.configs)
-                               + redaction.secrets_in(self.generator_config))
+                               + redaction.secrets_in(self.generator_config)
+                               + redaction.secrets_in(self.memory_config))
         self._register_commands()
         return issues
 
@@ -292,19 +304,28 @@ class PluginHost:
             self.configs[name] = config
         return issues
 
-    def _collect_adapters(self) -> None:
+    def _collect(self, hook_name: str, kind: str, registry: dict[str, type], info_field: str,
+                 needs_config: bool) -> None:
+        """Call a registration hook: each plugin's `register(Class)` adds a class by its `name`.
+
+        Adapters, generator backends and memory backends are all registered this way; a backend must also
+        have a pydantic `Config`, which validates its config section.
+        """
         def register_for(plugin: str) -> Callable[[type], None]:
-            def register(adapter_class: type) -> None:
-                name = getattr(adapter_class, "name", None)
+            def register(cls: type) -> None:
+                name = getattr(cls, "name", None)
                 if not isinstance(name, str) or not name:
-                    raise ValueError(f"adapter {adapter_class!r} has no `name`")
-                if name in self.adapters:
-                    raise ValueError(f"adapter {name!r} is already registered")
-                self.adapters[name] = adapter_class
-                self.infos[plugin].adapters.append(name)
+                    raise ValueError(f"{kind} {cls!r} has no `name`")
+                if needs_config and not (isinstance(getattr(cls, "Config", None), type)
+                                         and issubclass(cls.Config, BaseModel)):
+                    raise ValueError(f"{kind} {name!r} has no pydantic `Config` model")
+                if name in registry:
+                    raise ValueError(f"{kind} {name!r} is already registered")
+                registry[name] = cls
+                getattr(self.infos[plugin], info_field).append(name)
             return register
 
-        self.call("chatforge_register_adapters", register=PerPlugin(register_for))
+        self.call(hook_name, register=PerPlugin(register_for))
 
     def _validate_adapter_configs(self) -> list[ConfigIssue]:
         issues: list[ConfigIssue] = []
@@ -326,23 +347,6 @@ class PluginHost:
             issues += found
             self.adapter_configs[name] = config
         return issues
-
-    def _collect_generators(self) -> None:
-        def register_for(plugin: str) -> Callable[[type], None]:
-            def register(backend: type) -> None:
-                name = getattr(backend, "name", None)
-                if not isinstance(name, str) or not name:
-                    raise ValueError(f"generator backend {backend!r} has no `name`")
-                if not (isinstance(getattr(backend, "Config", None), type)
-                        and issubclass(backend.Config, BaseModel)):
-                    raise ValueError(f"generator backend {name!r} has no pydantic `Config` model")
-                if name in self.generators:
-                    raise ValueError(f"generator backend {name!r} is already registered")
-                self.generators[name] = backend
-                self.infos[plugin].generators.append(name)
-            return register
-
-        self.call("chatforge_register_generators", register=PerPlugin(register_for))
 
     @property
     def generator_backend(self) -> type[GeneratorBackend] | None:
@@ -371,6 +375,30 @@ class PluginHost:
         config, issues = validate_section(backend.Config, dict(options) if isinstance(options, dict) else {},
                                           "generator", self.settings)
         self.generator_config = config
+        return issues
+
+    @property
+    def memory_backend(self) -> type[MemoryBackend] | None:
+        """The backend `memory.backend` names, if one is registered under that name."""
+        return self.memory_backends.get(self.settings.memory.backend)
+
+    def _validate_memory_config(self) -> list[ConfigIssue]:
+        """Validate the backend's keys of `memory:` (all but the engine's own) with its `Config`."""
+        name = self.settings.memory.backend
+        backend = self.memory_backend
+        if backend is None:
+            known = sorted(self.memory_backends)
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f'; did you mean "{close[0]}"?' if close else ""
+            issue = ConfigIssue("memory.backend", f'no memory backend named "{name}" '
+                                f'(available: {", ".join(known) or "none"}){hint}')
+            return locate([issue], self.settings.lines)
+        section = self.settings.raw.get("memory")
+        engine_keys = set(type(self.settings.memory).model_fields) - {"path"}
+        options = {key: value for key, value in (section.items() if isinstance(section, dict) else ())
+                   if key not in engine_keys}
+        config, issues = validate_section(backend.Config, options, "memory", self.settings)
+        self.memory_config = config
         return issues
 
     def _register_commands(self) -> None:

@@ -8,7 +8,8 @@
 
 No model, no network, no files: memory lives in the process. With chatforge
 installed, pytest also gets the fixtures `chatforge_bot`, `fake_generator` and
-`chatforge_config` (see `chatforge.pytest_plugin`).
+`chatforge_config` (see `chatforge.pytest_plugin`). A memory backend's author
+runs `MemoryStoreContract`, the suite every store passes, on their store.
 """
 
 from __future__ import annotations
@@ -135,3 +136,11 @@ def make_bot(
     defaults = {"platform": "test", "chat": "test-chat", "user": "tester", "display_name": "Tester",
                 **message_defaults}
     return TestBot(engine, generator, memory, defaults)
+
+
+def __getattr__(name: str) -> Any:
+    # The store conformance suite needs pytest; import it only when asked for.
+    if name == "MemoryStoreContract":
+        from .memory_contract import MemoryStoreContract
+        return MemoryStoreContract
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from chatforge.memory import MIGRATIONS, SQLiteMemory, Turn, conversation_key
+from chatforge.memory import Turn, conversation_key
+from chatforge.sqlite_memory import MIGRATIONS, SQLiteMemory
 from chatforge.message import Message
 
 CHATFORGE = str(Path(sys.executable).parent / "chatforge")

@@ -218,7 +218,6 @@ def test_known_keys_do_not_list_loader_internal_fields(tmp_path):
 @pytest.mark.parametrize(
     "text, path, message",
     [
-        ("memory:\n  backend: redis\n", "memory.backend", "must be 'sqlite' or 'memory', got \"redis\""),
         ("memory:\n  scope: everyone\n", "memory.scope", "must be 'user' or 'chat', got \"everyone\""),
         ("generator:\n  top_p: 2\n", "generator.top_p", "must be less than or equal to 1, got 2"),
         ("generator:\n  top_p: 0\n", "generator.top_p", "must be greater than 0, got 0"),
@@ -253,16 +252,16 @@ def test_plugins_must_be_a_mapping_of_sections(tmp_path):
 
 
 def test_every_problem_is_reported_at_once(tmp_path):
-    path = write(tmp_path, "generator:\n  max_new_tokens: lots\n  temprature: 1\nmemory:\n  backend: redis\n")
+    path = write(tmp_path, "generator:\n  max_new_tokens: lots\n  temprature: 1\nmemory:\n  scope: everyone\n")
     with pytest.raises(ConfigError) as excinfo:
         load_settings(path)
     error = excinfo.value
     by_path = {issue.path: issue for issue in error.issues}
-    assert set(by_path) == {"generator.max_new_tokens", "generator.temprature", "memory.backend"}
+    assert set(by_path) == {"generator.max_new_tokens", "generator.temprature", "memory.scope"}
     assert by_path["generator.max_new_tokens"].line == 2
     assert by_path["generator.temprature"].line == 3
     assert 'did you mean "temperature"' in by_path["generator.temprature"].message
-    assert by_path["memory.backend"].line == 5
+    assert by_path["memory.scope"].line == 5
     lines = str(error).splitlines()
     assert len(lines) == 3
     assert all(line.startswith(f"{path}:") for line in lines)
@@ -497,8 +496,8 @@ def test_unset_env_variable_in_a_list_names_the_item(tmp_path, monkeypatch):
 
 def test_unset_env_variable_is_reported_with_other_issues(tmp_path, monkeypatch):
     monkeypatch.delenv("CF_TEST_MODEL", raising=False)
-    error = load_error(tmp_path, "generator:\n  model: ${CF_TEST_MODEL}\nmemory:\n  backend: redis\n")
-    assert {issue.path for issue in error.issues} == {"generator.model", "memory.backend"}
+    error = load_error(tmp_path, "generator:\n  model: ${CF_TEST_MODEL}\nmemory:\n  scope: everyone\n")
+    assert {issue.path for issue in error.issues} == {"generator.model", "memory.scope"}
 
 
 # ------------------------------------------------------------------ finding the file

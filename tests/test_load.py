@@ -26,7 +26,8 @@ from typing import Sequence
 
 import pytest
 
-from chatforge.memory import InMemoryMemory, SQLiteMemory, Turn, conversation_key
+from chatforge.memory import InMemoryMemory, Turn, conversation_key
+from chatforge.sqlite_memory import SQLiteMemory
 from chatforge.memory import window_start
 from chatforge.testing import make_bot
 from processes import terminate

@@ -12,7 +12,8 @@ import types
 import pytest
 
 from chatforge import Reply, hookimpl
-from chatforge.memory import SQLiteMemory, Turn, conversation_key
+from chatforge.memory import Turn, conversation_key
+from chatforge.sqlite_memory import SQLiteMemory
 from chatforge.message import Message
 from chatforge.testing import FakeGenerator, make_bot
 
@@ -122,7 +123,8 @@ def test_a_full_disk_loses_the_turn_but_not_the_reply_and_recovers(tmp_path, cap
     memory._db.execute(f"PRAGMA max_page_count={pages}")  # SQLite answers SQLITE_FULL, as on a full disk
     with caplog.at_level(logging.ERROR):
         assert bot.ask("x" * 3000) == "echo: " + "x" * 3000
-    assert any("could not save the conversation turn" in r.getMessage() and "full" in r.getMessage()
+    assert any("could not save a turn of" in r.getMessage() and "the turn is lost" in r.getMessage()
+               and "full" in r.getMessage()
                for r in caplog.records)
     memory._db.execute("PRAGMA max_page_count=1073741823")  # space again
     bot.ask("after")
@@ -163,7 +165,8 @@ def test_an_unreadable_memory_answers_without_context(caplog):
     with caplog.at_level(logging.ERROR):
         assert bot.ask("hello") == "echo: hello"
     assert bot.generator.calls[-1][0] == []
-    assert any("could not read the conversation's memory" in r.getMessage() for r in caplog.records)
+    assert any("could not read the conversation" in r.getMessage() and "answering without its history" in r.getMessage()
+               for r in caplog.records)
 
 
 # ---------------------------------------------------------------- abuse

@@ -73,7 +73,7 @@ def test_mood_explains_how_to_turn_it_on(bot):
 
 
 def test_passive_sentiment_survives_in_sqlite(tmp_path):
-    from chatforge.memory import SQLiteMemory
+    from chatforge.sqlite_memory import SQLiteMemory
 
     memory = SQLiteMemory(tmp_path / "m.sqlite3")
     bot = make_bot({"plugins": {"sentiment": {"passive": True}}}, memory=memory)

@@ -12,7 +12,8 @@ import asyncio
 
 import pytest
 
-from chatforge.memory import InMemoryMemory, SQLiteMemory
+from chatforge.memory import InMemoryMemory
+from chatforge.sqlite_memory import SQLiteMemory
 from chatforge.testing import make_bot
 
 GROUP = {"chat": "group", "direct": False}
