@@ -92,11 +92,15 @@ class Engine:
         self._forget_listeners: list[Callable[[Message], None]] = []
         self.fatal_error: PluginError | None = None
         self._fatal = asyncio.Event()
-        # Memory calls block (a file, a network database): the engine makes them here, never on the event
-        # loop, on threads of their own so that a slow store does not starve plugin hooks. One per message
-        # that may wait, plus a few: a conversation waiting for its lock in another process holds one.
-        self._memory_threads = ThreadPoolExecutor(max_workers=limits.max_pending + 4,
+        # Memory calls block (a file, a network database): the engine makes them on threads of its own,
+        # never on the event loop, and not on the plugins' threads, so a slow store starves neither. As
+        # many at once as the store serves (`concurrent_calls`: a pool's size; SQLite serialises anyway).
+        # Waiting for a conversation's lock (held by another process) has threads of its own: one per
+        # message that may wait, so lock waits can never leave the data calls without a thread.
+        self._memory_threads = ThreadPoolExecutor(max_workers=max(1, getattr(memory, "concurrent_calls", 4)),
                                                   thread_name_prefix="chatforge-memory")
+        self._lock_threads = ThreadPoolExecutor(max_workers=limits.max_pending + 4,
+                                                thread_name_prefix="chatforge-memory-lock")
         self._lock_failures = Notices()
         self.purge_expired()
 
@@ -194,10 +198,11 @@ class Engine:
                         event, type(exc).__name__, exc)
             return True
 
-    async def _off_loop(self, function: Callable[..., Any], *args: Any) -> Any:
+    async def _off_loop(self, function: Callable[..., Any], *args: Any,
+                        threads: ThreadPoolExecutor | None = None) -> Any:
         """Run a blocking memory call on the memory threads."""
         return await asyncio.get_running_loop().run_in_executor(
-            self._memory_threads, functools.partial(function, *args))
+            threads or self._memory_threads, functools.partial(function, *args))
 
     @contextlib.asynccontextmanager
     async def _conversation_lock(self, key: ConversationKey) -> AsyncIterator[None]:
@@ -208,7 +213,10 @@ class Engine:
         """
         try:
             held = self.memory.lock(key)
-            await self._off_loop(held.__enter__)
+            if isinstance(held, contextlib.nullcontext):  # a store for one process: nothing to wait for
+                yield
+                return
+            await self._off_loop(held.__enter__, threads=self._lock_threads)
         except Exception as exc:  # noqa: BLE001
             if self._lock_failures.due("lock"):
                 log.warning("memory: could not lock the conversation %s (%s: %s); answering without the lock",
@@ -219,7 +227,7 @@ class Engine:
             yield
         finally:
             try:
-                await self._off_loop(held.__exit__, None, None, None)
+                await self._off_loop(held.__exit__, None, None, None, threads=self._lock_threads)
             except Exception as exc:  # noqa: BLE001 - the database went away: its session lock went with it
                 log.warning("memory: could not unlock the conversation %s: %s: %s", key, type(exc).__name__, exc)
 
@@ -443,5 +451,6 @@ class Engine:
             if inspect.isawaitable(closing):  # a server backend closes its connections
                 await closing
         finally:
+            self._lock_threads.shutdown(wait=True)
             self._memory_threads.shutdown(wait=True)
             self.memory.close()

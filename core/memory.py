@@ -83,7 +83,11 @@ CLAIMS_KEPT_FOR = 86400.0
 
 
 class MemoryStore(Protocol):
-    """What the engine needs from a memory backend. Every method may block; none is called on the event loop."""
+    """What the engine needs from a memory backend. Every method may block; none is called on the event loop.
+
+    A store may set `concurrent_calls` (how many calls it serves at once, e.g. its connection pool's
+    size; 4 if unset): the engine makes at most that many at a time.
+    """
 
     def add(self, key: ConversationKey, *turns: Turn) -> None:
         """Append turns to a conversation, all or none, with nothing of another writer between them
