@@ -110,3 +110,38 @@ def run_chatforge(*args: str, stdin: str = "", cwd: Path | None = None, env: dic
 @pytest.fixture
 def cli():
     return run_chatforge
+
+
+# ------------------------------------------------------------------ PostgreSQL (memory.backend: postgres)
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A throwaway PostgreSQL server (tests/postgres.py) for the session; skipped where PostgreSQL is not
+    installed, except on CI (CI=true), where these tests must run."""
+    from postgres import PostgresNotInstalled, PostgresServer
+
+    try:
+        server = PostgresServer()
+    except PostgresNotInstalled as exc:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{exc} (CI=true: the PostgreSQL tests must run; .ci/run installs it)")
+        pytest.skip(str(exc))
+    try:
+        server.start()
+    except BaseException:
+        server.stop()
+        raise
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres, request):
+    """The URL of a fresh, empty database on the session's server; dropped after the test."""
+    import re
+    import secrets
+
+    name = "t_" + re.sub(r"[^a-z0-9]+", "_", request.node.name.lower())[:40] + "_" + secrets.token_hex(3)
+    url = postgres.create_database(name)
+    yield url
+    postgres.drop_database(name)
