@@ -13,9 +13,17 @@ ignored. Replies are plain text, split at 4096 characters with code blocks
 kept whole; with `stream: true` the first words are sent at once and the
 message is edited as the model writes.
 
+Polling allows one process per token. Webhooks can feed several worker
+processes behind a load balancer sharing one memory store: every worker is
+given the same `secret_token`, one registers the webhook (`set_webhook:
+true`) and the others only serve (`set_webhook: false`). An update Telegram
+delivers twice (its POST was not answered in time, and the second one may
+reach another worker) is answered once: the memory store's `claim()` says
+whether it was seen before, in any of them.
+
 The token is never logged or shown: it is masked in every log line (PTB and
 httpx put it in request URLs), and PTB's rejected-token error, which quotes
-it, is replaced by an AdapterError that does not.
+it, is replaced by an AdapterError that does not. Nor is the webhook secret.
 """
 
 from __future__ import annotations
@@ -30,7 +38,7 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import telegram
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from telegram import BotCommand, ReplyParameters, Update
 from telegram.constants import ChatAction, ChatType, MessageEntityType
 from telegram.error import (BadRequest, Conflict, Forbidden, InvalidToken, NetworkError, RetryAfter,
@@ -73,7 +81,12 @@ class TelegramConfig(PlatformConfig):
     url: str = ""
     """Webhook mode: the public HTTPS URL Telegram posts to; its path is served on listen:port."""
     secret_token: SecretStr = SecretStr("")
-    """Webhook mode: Telegram sends it with every update (1-256 of A-Z a-z 0-9 _ -); default: a random one."""
+    """Webhook mode: Telegram sends it with every update (1-256 of A-Z a-z 0-9 _ -); keep it in the
+    environment: ${TELEGRAM_WEBHOOK_SECRET}. Never logged. Unset: a random one per process, so several
+    workers behind one URL must all be given the same one."""
+    set_webhook: bool = True
+    """Webhook mode: register `url` and the secret with Telegram (setWebhook) at start. With several workers
+    behind one URL, true on one of them and false on the others (they then only serve; they need secret_token)."""
     respond_in_groups: Literal["addressed", "commands", "all"] = "addressed"
     """addressed: commands, @mentions and replies to the bot; commands: commands only; all: every message."""
 
@@ -83,6 +96,18 @@ class TelegramConfig(PlatformConfig):
         secret = value.get_secret_value()
         if secret and not _SECRET_TOKEN.fullmatch(secret):
             raise ValueError("must be 1-256 characters from A-Z, a-z, 0-9, _ and -")
+        return value
+
+    @field_validator("set_webhook")
+    @classmethod
+    def _serving_needs_the_shared_secret(cls, value: bool, info: ValidationInfo) -> bool:
+        # A worker that does not register the webhook cannot know a random secret: it must be told the one
+        # the registering worker gives Telegram. (A bad secret_token is reported on its own line.)
+        if (not value and info.data.get("mode") == "webhook" and "secret_token" in info.data
+                and not info.data["secret_token"].get_secret_value()):
+            raise ValueError("must be true unless secret_token is set: a worker that does not call setWebhook "
+                             "checks updates against secret_token, which must be the one the registering worker "
+                             "uses (give every worker the same secret_token)")
         return value
 
 
@@ -146,7 +171,10 @@ class TelegramAdapter(Adapter):
                         allowed_updates=[Update.MESSAGE],
                         error_callback=self._polling_error,
                     )
-                self.announce(f"@{self.username} ({self.config.mode})")
+                mode = self.config.mode
+                if mode == "webhook" and not self.config.set_webhook:
+                    mode += ", registered by another worker: set_webhook is false"
+                self.announce(f"@{self.username} ({mode})")
                 await self._stop_requested.wait()
             finally:
                 await self._shut_down(application)
@@ -267,7 +295,10 @@ class TelegramAdapter(Adapter):
         if not self.config.url:
             raise AdapterError("adapters.telegram.url: webhook mode needs the public HTTPS URL "
                                "Telegram posts updates to")
-        secret = self.config.secret_token.get_secret_value() or secrets.token_urlsafe(32)
+        secret = self.config.secret_token.get_secret_value()
+        if not secret:  # one process alone: a secret of its own (several workers must share a configured one)
+            secret = secrets.token_urlsafe(32)
+            redaction.REDACTOR.add([secret])
         bot = application.bot
         receiver = WebhookReceiver(urlsplit(self.config.url).path or "/", secret,
                                    parse=lambda data: Update.de_json(data, bot), queue=application.update_queue,
@@ -278,6 +309,10 @@ class TelegramAdapter(Adapter):
             raise AdapterError(f"adapters.telegram.port: cannot listen on {self.config.listen}:{self.config.port} "
                                f"({error.strerror or error})") from None
         self._webhook_runner = receiver
+        if not self.config.set_webhook:
+            # Another worker registers the webhook; this one only serves what the load balancer sends it.
+            # (No worker deletes the webhook at exit: the others still serve it.) Said in the announcement.
+            return
         try:
             await bot.set_webhook(self.config.url, secret_token=secret, allowed_updates=[Update.MESSAGE])
         except BadRequest as error:
@@ -295,6 +330,13 @@ class TelegramAdapter(Adapter):
             return
         incoming = self.to_message(message, update)
         if incoming is None:
+            return
+        # Telegram delivers an update again when its POST (or getUpdates) was not answered in time, and a load
+        # balancer may give the second delivery to another worker sharing the memory: answer it once. Awaited
+        # here, before the next update is taken (PTB hands them over one at a time), so a chat's messages keep
+        # their order. The bot's id is in the key: update ids count per bot, and bots may share a database.
+        if not await self.engine.first_delivery(f"telegram:{self.bot_id}:{update.update_id}"):
+            log.debug("update %s was delivered before (here or to another worker); dropped", update.update_id)
             return
         # Admitted on arrival: a message waiting for its chat's turn here counts toward limits.max_pending.
         admission = self.engine.admit(incoming)

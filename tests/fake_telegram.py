@@ -4,6 +4,13 @@ It runs an aiohttp server in a background thread with its own event loop, so
 a test can start `chatforge run` as a subprocess and talk to it through this
 server: enqueue incoming messages, inject failures, and assert on every call
 the bot made (method and decoded parameters). Every wait is bounded.
+
+Updates are fetched with getUpdates (polling), or, after `deliver(targets)`,
+pushed like Telegram's webhook behind a load balancer: POSTed with the secret
+of the last setWebhook call, round-robin across the workers' URLs, several in
+flight, a failed POST retried on the next worker, and chosen updates
+delivered a second time to another worker (a redelivery). While a webhook is
+registered, getUpdates answers 409 as Telegram does.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import aiohttp
 from aiohttp import web
 
 from loopback import LoopbackServer
@@ -43,6 +51,20 @@ class Call:
     at: float = field(default_factory=time.monotonic)
 
 
+@dataclass
+class Delivery:
+    """One POST of an update to a worker's webhook (push mode)."""
+
+    update_id: int
+    target: int
+    """Index of the worker's URL in `deliver(targets)`."""
+    status: int
+    """The worker's HTTP status; 0 when the connection failed."""
+    redelivery: bool = False
+    """A second delivery of an update a worker had already accepted (to another worker)."""
+    at: float = field(default_factory=time.monotonic)
+
+
 class FakeTelegram(LoopbackServer):
     name = "fake Telegram server"
 
@@ -57,6 +79,14 @@ class FakeTelegram(LoopbackServer):
         self._message_ids = itertools.count(1000)
         self._get_updates_failures: list[int] = []
         self._edit_rate_limits: list[int] = []
+        self.webhook: dict[str, Any] | None = None
+        """The last setWebhook call's parameters (url, secret_token...), until deleteWebhook."""
+        self.on_sent: Callable[[Call], None] | None = None
+        """Called (on the server's loop; be quick) with each successful sendMessage call."""
+        self.callback_errors: list[BaseException] = []
+        self.deliveries: list[Delivery] = []
+        self._push: asyncio.Queue | None = None  # push mode: updates waiting to be POSTed
+        self._pusher: asyncio.Task | None = None
 
     # ------------------------------------------------------------ lifecycle
 
@@ -92,8 +122,101 @@ class FakeTelegram(LoopbackServer):
             message["message_thread_id"] = thread_id
             message["is_topic_message"] = True
         with self._lock:
-            self._updates.append({"update_id": next(self._update_ids), "message": message})
+            update = {"update_id": next(self._update_ids), "message": message}
+            if self._push is None:
+                self._updates.append(update)
+        if self._push is not None:
+            assert self._loop is not None
+            self._loop.call_soon_threadsafe(self._push.put_nowait, update)
         return message
+
+    def deliver(self, targets: list[str], *, secret: str | None = None, in_flight: int = 20,
+                redeliver: Callable[[int], float | None] = lambda update_id: None, attempts: int = 5) -> None:
+        """From now on push updates to the workers' webhook URLs, as Telegram behind a load balancer would.
+
+        Each update is POSTed to the next of `targets` in turn (round-robin), up to `in_flight` at once,
+        with `secret` (default: the secret_token of the last setWebhook call) in the secret header. A POST
+        that fails (an error status, a refused connection) is tried on the next worker, `attempts` times
+        in all. `redeliver(update_id)` gives a delay in seconds after which an update a worker accepted
+        is POSTed again to the next worker (Telegram's retry after a timeout), or None. Updates already
+        waiting for getUpdates are pushed too.
+        """
+        if secret is None:
+            assert self.webhook is not None, "deliver() before any setWebhook call: give the secret"
+            secret = self.webhook.get("secret_token", "")
+        self._call(self._start_pushing(list(targets), secret, in_flight, redeliver, attempts))
+
+    def delivered(self, update_id: int) -> list[Delivery]:
+        with self._lock:
+            return [delivery for delivery in self.deliveries if delivery.update_id == update_id]
+
+    async def _start_pushing(self, targets: list[str], secret: str, in_flight: int,
+                             redeliver: Callable[[int], float | None], attempts: int) -> None:
+        assert self._push is None, "already pushing"
+        queue: asyncio.Queue = asyncio.Queue()
+        with self._lock:
+            self._push = queue
+            waiting, self._updates = self._updates, []
+        for update in waiting:
+            queue.put_nowait(update)
+        self._pusher = asyncio.create_task(self._push_updates(queue, targets, secret, in_flight, redeliver,
+                                                              attempts))
+
+    async def _push_updates(self, queue: asyncio.Queue, targets: list[str], secret: str, in_flight: int,
+                            redeliver: Callable[[int], float | None], attempts: int) -> None:
+        turn = itertools.count()
+        places = asyncio.Semaphore(in_flight)
+        tasks: set[asyncio.Task] = set()
+        timeout = aiohttp.ClientTimeout(total=10)
+        headers = {"X-Telegram-Bot-Api-Secret-Token": secret}
+
+        async def post(session: aiohttp.ClientSession, update: dict[str, Any], target: int,
+                       redelivery: bool) -> int:
+            try:
+                async with session.post(targets[target], json=update, headers=headers) as response:
+                    status = response.status
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+                status = 0
+            with self._lock:
+                self.deliveries.append(Delivery(update["update_id"], target, status, redelivery))
+            return status
+
+        async def push(session: aiohttp.ClientSession, update: dict[str, Any]) -> None:
+            try:
+                target = next(turn) % len(targets)
+                for attempt in range(attempts):
+                    if await post(session, update, target, False) == 200:
+                        break
+                    target = (target + 1) % len(targets)
+                    await asyncio.sleep(0.2)
+                else:
+                    log.warning("fake Telegram: gave up delivering update %s", update["update_id"])
+                    return
+            finally:
+                places.release()
+            delay = redeliver(update["update_id"])
+            if delay is not None:
+                await asyncio.sleep(delay)
+                await post(session, update, (target + 1) % len(targets), True)
+
+        # No proxy from the environment: the workers are on loopback.
+        async with aiohttp.ClientSession(timeout=timeout, trust_env=False) as session:
+            try:
+                while True:
+                    update = await queue.get()
+                    await places.acquire()
+                    task = asyncio.create_task(push(session, update))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+            finally:
+                for task in list(tasks):
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def before_stop(self) -> None:
+        if self._pusher is not None:
+            self._pusher.cancel()
+            await asyncio.gather(self._pusher, return_exceptions=True)
 
     def fail_get_updates(self, count: int, status: int = 502) -> None:
         """Answer the next `count` getUpdates calls with an HTTP error (500, 502...)."""
@@ -162,6 +285,12 @@ class FakeTelegram(LoopbackServer):
         response = await handler(params)
         call.status = response.status
         call.result = json.loads(response.body).get("result")
+        if method == "sendMessage" and call.status == 200 and self.on_sent is not None:
+            try:
+                self.on_sent(call)
+            except Exception as exc:  # noqa: BLE001 - kept for the test to raise
+                log.exception("fake Telegram: on_sent failed")
+                self.callback_errors.append(exc)
         return response
 
     def _bot_user(self) -> dict[str, Any]:
@@ -176,6 +305,9 @@ class FakeTelegram(LoopbackServer):
             failure = self._get_updates_failures.pop(0) if self._get_updates_failures else None
         if failure is not None:
             return _error(failure, "Bad Gateway" if failure == 502 else "Internal Server Error")
+        if self.webhook is not None:
+            return _error(409, "Conflict: can't use getUpdates method while webhook is active; "
+                               "use deleteWebhook to delete the webhook first")
         offset = int(params.get("offset") or 0)
         wait = min(float(params.get("timeout") or 0), LONG_POLL_MAX)
         deadline = time.monotonic() + wait
@@ -204,12 +336,21 @@ class FakeTelegram(LoopbackServer):
         return _ok(message)
 
     async def _api_getWebhookInfo(self, params: dict[str, Any]) -> web.Response:
-        return _ok({"url": "", "has_custom_certificate": False, "pending_update_count": 0})
+        url = self.webhook.get("url", "") if self.webhook else ""
+        return _ok({"url": url, "has_custom_certificate": False, "pending_update_count": 0})
+
+    async def _api_setWebhook(self, params: dict[str, Any]) -> web.Response:
+        self.webhook = dict(params) if params.get("url") else None
+        return _ok(True)
+
+    async def _api_deleteWebhook(self, params: dict[str, Any]) -> web.Response:
+        self.webhook = None
+        return _ok(True)
 
     async def _true(self, params: dict[str, Any]) -> web.Response:
         return _ok(True)
 
-    _api_deleteWebhook = _api_setWebhook = _api_sendChatAction = _api_setMyCommands = _true
+    _api_sendChatAction = _api_setMyCommands = _true
     _api_deleteMyCommands = _api_deleteMessage = _api_close = _api_logOut = _true
 
 

@@ -11,12 +11,14 @@ import json
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import textwrap
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -118,8 +120,8 @@ def write_config(folder: Path, tiny_gpt2: Path, model_cache: Path, base_url: str
 class Bot:
     """`chatforge run` in the background; output goes to files so a full pipe never blocks it."""
 
-    def __init__(self, config: Path, token: str | None = TOKEN) -> None:
-        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    def __init__(self, config: Path, token: str | None = TOKEN, env: dict[str, str] | None = None) -> None:
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
         env.pop("TEST_TG_TOKEN", None)
         if token is not None:
             env["TEST_TG_TOKEN"] = token
@@ -387,6 +389,82 @@ def test_webhook_mode_and_a_reply_in_flight_at_sigterm(tmp_path, tiny_gpt2, mode
         assert "Traceback" not in bot.stderr
 
 
+WORKER_SECRET = "shared-Worker_secret-9fK2"
+
+
+def test_two_webhook_workers_share_a_secret_one_registers_and_a_redelivery_is_answered_once(
+        tmp_path, tiny_gpt2, model_cache):
+    """Two `chatforge run` workers behind one public URL, sharing one SQLite memory file and a secret from
+    the environment: only the one with set_webhook true calls setWebhook (neither deletes it at exit), an
+    update POSTed to both (Telegram's redelivery, given to the other worker) is answered once, and a wrong
+    secret is refused by both."""
+    public = "https://bot.example.com/telegram-hook"
+    ports = [free_port(), free_port()]
+    hooks = [f"http://127.0.0.1:{port}/telegram-hook" for port in ports]
+    memory = tmp_path / "shared.sqlite3"
+    with FakeTelegram(TOKEN) as fake:
+        bots = []
+        try:
+            for index, (port, registers) in enumerate(zip(ports, ["true", "false"])):
+                folder = tmp_path / f"worker{index}"
+                folder.mkdir()
+                config = write_config(folder, tiny_gpt2, model_cache, fake.base_url,
+                                      plugins={"commands": COMMANDS_PLUGIN}, telegram=f"""
+                    mode: webhook
+                    port: {port}
+                    url: {public}
+                    secret_token: ${{TEST_TG_WEBHOOK_SECRET}}
+                    set_webhook: {registers}
+                """)
+                config.write_text(config.read_text().replace(str(folder / "memory.sqlite3"), str(memory)))
+                bots.append(Bot(config, env={"TEST_TG_WEBHOOK_SECRET": WORKER_SECRET}))
+            for bot in bots:
+                def connected(bot=bot) -> bool:
+                    if bot.process.poll() is not None:
+                        raise AssertionError(f"chatforge exited with {bot.process.returncode}:\n{bot.stderr}")
+                    return "connected as" in bot.stderr
+                fake.wait_for(connected, STARTUP, "both workers to start")
+            assert [call.params for call in fake.calls_to("setWebhook")] == [
+                {"url": public, "secret_token": WORKER_SECRET, "allowed_updates": ["message"]}]
+            assert (f"telegram: connected as @{BOT_USERNAME} (webhook, registered by another worker: "
+                    "set_webhook is false)") in bots[1].stderr
+
+            for hook in hooks:  # a wrong or missing secret: refused by both
+                assert post_json(hook, update(1, "/help", chat_id=6201), "wrong-secret") == 403
+                assert post_json(hook, update(1, "/help", chat_id=6201), "") == 403
+
+            # Worker 0 answers; the same update then reaches worker 1 (Telegram saw no answer in time).
+            assert post_json(hooks[0], update(2, "/reset", chat_id=6201), WORKER_SECRET) == 200
+            fake.wait_for(lambda: fake.sent_messages(6201), ANSWER, "the /reset answer")
+            assert post_json(hooks[1], update(2, "/reset", chat_id=6201), WORKER_SECRET) == 200
+            # Both at once, the other way round, and free text (its turn is stored once).
+            same = update(3, "hello from both sides", chat_id=6201)
+            with ThreadPoolExecutor(2) as pool:
+                statuses = list(pool.map(lambda hook: post_json(hook, same, WORKER_SECRET), hooks[::-1]))
+            assert statuses == [200, 200]
+            fake.wait_for(lambda: fake.sent_messages(6201)[1:], ANSWER, "the answer to the free text")
+            # A new update after them is answered: so the worker that dropped a copy had taken it by now.
+            for hook in hooks:
+                assert post_json(hook, update(4 + hooks.index(hook), "/help", chat_id=6201), WORKER_SECRET) == 200
+            fake.wait_for(lambda: fake.sent_messages(6201)[3:], ANSWER, "two /help answers")
+            time.sleep(1)  # a second answer to a copy would have come by now
+            answered_to = [call.params["reply_parameters"]["message_id"] for call in fake.sent_messages(6201)]
+            statuses = [bot.terminate() for bot in bots]
+        finally:
+            for bot in bots:
+                bot.terminate()
+        assert statuses == [0, 0], [bot.stderr for bot in bots]
+        assert answered_to == [12, 13, 14, 15] or answered_to == [12, 13, 15, 14], answered_to
+        assert fake.count("setWebhook") == 1 and fake.count("deleteWebhook") == 0
+        with sqlite3.connect(memory) as db:
+            stored = db.execute("SELECT role, text FROM turns ORDER BY id").fetchall()
+        assert [text for role, text in stored if role == "user"] == ["hello from both sides"]
+        for bot in bots:
+            output = bot.stderr + bot.stdout
+            assert WORKER_SECRET not in output and TOKEN not in output
+            assert "Traceback" not in output
+
+
 def update(update_id: int, text: str, chat_id: int = 6101) -> dict:
     return {"update_id": update_id, "message": {
         "message_id": 10 + update_id, "date": int(time.time()), "text": text,
@@ -438,14 +516,33 @@ def post_json(url: str, body: dict, secret: str) -> int:
     ("secret_token: has spaces!", "adapters.telegram.secret_token"),
     ("poll_timeout: 3600", "adapters.telegram.poll_timeout"),
     ("tokn: abc", "adapters.telegram.tokn"),
+    ("set_webhook: sometimes", "adapters.telegram.set_webhook"),
+    # A worker that does not register the webhook must be given the secret the registering one uses.
+    ("mode: webhook\n    url: https://bot.example.com/hook\n    set_webhook: false", "adapters.telegram.set_webhook"),
+    ("secret_token: ${TEST_TG_BAD_SECRET}", "adapters.telegram.secret_token"),
 ])
 def test_config_check_names_a_bad_telegram_key(cli, tmp_path, line, expected):
     (tmp_path / "config.yaml").write_text(
         f"plugins:\n  telegram:\n    module: chatforge.adapters.telegram\n"
         f"adapters:\n  telegram:\n    enabled: true\n    {line}\n")
-    result = cli("config", "check", cwd=tmp_path)
+    result = cli("config", "check", cwd=tmp_path, env={"TEST_TG_BAD_SECRET": "not/a valid+secret"})
     assert result.returncode == 2, result.stderr
     assert expected in result.stderr and "Traceback" not in result.stderr
+    assert "not/a valid+secret" not in result.stderr + result.stdout  # a secret is never shown
+
+
+@pytest.mark.parametrize("lines", [
+    "mode: webhook\n    url: https://bot.example.com/hook\n    secret_token: ${TEST_TG_SECRET}\n    set_webhook: false",
+    "mode: webhook\n    url: https://bot.example.com/hook",  # one process: a random secret, as before
+    "set_webhook: false",  # polling: the webhook keys are not used
+])
+def test_config_check_accepts_the_webhook_worker_settings(cli, tmp_path, lines):
+    (tmp_path / "config.yaml").write_text(
+        f"plugins:\n  telegram:\n    module: chatforge.adapters.telegram\n"
+        f"adapters:\n  telegram:\n    enabled: true\n    token: x\n    {lines}\n")
+    result = cli("config", "check", cwd=tmp_path, env={"TEST_TG_SECRET": "A-good_secret-42"})
+    assert result.returncode == 0, result.stderr
+    assert "A-good_secret-42" not in result.stderr + result.stdout
 
 
 def test_a_flood_in_one_chat_is_answered_busy_beyond_max_pending(tmp_path, tiny_gpt2, model_cache):
