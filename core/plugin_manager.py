@@ -47,6 +47,7 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "openai": "chatforge.openai_backend",
     "sqlite": "chatforge.sqlite_memory",
     "memory": "chatforge.memory",
+    "postgres": "chatforge.postgres_memory",
     "sentiment": "chatforge.plugins.sentiment",
     "summarize": "chatforge.plugins.summarize",
     "translate": "chatforge.plugins.translate",

@@ -55,21 +55,45 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _let_postgres_through(folder: Path) -> None:
+    """As root, a folder given inside a private temporary one (mkdtemp: mode 0700): let `postgres` pass through
+    the temporary folders on the way (search permission only, nothing listed or read)."""
+    temporary = Path(tempfile.gettempdir()).resolve()
+    for parent in [folder, *folder.parents]:
+        if parent == temporary or temporary not in parent.parents:
+            break
+        mode = parent.stat().st_mode
+        if not mode & 0o001:
+            os.chmod(parent, mode | 0o001)
+
+
 class PostgresServer:
     """One cluster, one port. `start()` makes the cluster the first time; `stop()` removes it."""
 
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(self, folder: Path | None = None, port: int | None = None) -> None:
+        """`folder` (created, and removed by stop()): where the cluster lives; by default a new temporary one."""
         self.bin = find_binaries()
         self.port = port or free_port()
         self.password = "pw-" + secrets.token_hex(8)
         self.user = "postgres"
-        self.folder = Path(tempfile.mkdtemp(prefix="chatforge-pg-"))
-        self.data = self.folder / "data"
-        self.log = self.folder / "server.log"
         self.as_root = os.geteuid() == 0
         if self.as_root:  # initdb refuses root: the folder and the cluster belong to `postgres`
-            account = pwd.getpwnam("postgres")
+            try:
+                account = pwd.getpwnam("postgres")
+            except KeyError:
+                raise PostgresNotInstalled("running as root, initdb needs a `postgres` user to own the cluster "
+                                           f"(Debian's package creates it): {INSTALL_HINT}") from None
+        if folder is None:
+            self.folder = Path(tempfile.mkdtemp(prefix="chatforge-pg-"))
+        else:
+            self.folder = Path(folder).resolve()
+            self.folder.mkdir(parents=True)
+        self.data = self.folder / "data"
+        self.log = self.folder / "server.log"
+        if self.as_root:
             os.chown(self.folder, account.pw_uid, account.pw_gid)
+            if folder is not None:
+                _let_postgres_through(self.folder.parent)
         self.running = False
         self._initialised = False
 

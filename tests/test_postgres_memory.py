@@ -24,7 +24,7 @@ import pytest
 from chatforge.conversation import ConversationKey
 from chatforge.memory import MemoryUnavailable, Turn
 from chatforge.memory_contract import ANN, BOB, GROUP, texts, turn
-from chatforge.postgres_memory import (MIGRATIONS, RETRY_AFTER, DatabaseUnreachable, PostgresBackend,
+from chatforge.postgres_memory import (MIGRATIONS, RETRY_AFTER, DatabaseUnreachable, LockTimeout, PostgresBackend,
                                        PostgresMemory, mask_url)
 from chatforge.testing import MemoryStoreContract
 
@@ -164,7 +164,7 @@ def test_a_wait_for_the_lock_is_bounded_and_leaves_the_store_working(postgres_ur
     try:
         with first.lock(ANN):
             started = time.monotonic()
-            with pytest.raises(Exception, match="lock timeout"):
+            with pytest.raises(LockTimeout, match="stayed locked by another process"):
                 with second.lock(ANN):
                     pass
             assert 0.8 < time.monotonic() - started < 5
@@ -189,6 +189,31 @@ def test_lock_holders_never_starve_reads_and_writes(postgres_url):
         store.close()
 
 
+def test_beyond_pool_size_conversations_wait_for_a_lock_connection_and_it_is_no_outage(postgres_url, caplog):
+    store = PostgresMemory(postgres_url, pool_size=1, timeout=0.5)
+    entered = threading.Event()
+    errors: list[BaseException] = []
+
+    def answer_bob() -> None:
+        try:
+            with store.lock(BOB):
+                entered.set()
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    thread = threading.Thread(target=answer_bob)
+    try:
+        with store.lock(ANN):  # the one connection for locks
+            thread.start()
+            assert not entered.wait(1.5) and not errors  # waits past `timeout`, as for a lock
+            store.add(ANN, turn("reads and writes go on"))
+        assert entered.wait(10) and not errors
+        assert not memory_lines(caplog) and store.count(ANN) == 1
+    finally:
+        thread.join(10)
+        store.close()
+
+
 HOLD_THE_LOCK = """
 import sys, time
 from chatforge.memory_contract import ANN
@@ -208,7 +233,7 @@ def test_a_lock_dies_with_the_process_that_held_it(postgres_url):
         lines: queue.Queue[str] = queue.Queue()
         threading.Thread(target=lambda: lines.put(holder.stdout.readline()), daemon=True).start()
         assert lines.get(timeout=30).strip() == "locked", holder.stderr.read() if holder.poll() is not None else ""
-        with pytest.raises(Exception, match="lock timeout"):
+        with pytest.raises(LockTimeout, match="stayed locked by another process"):
             with second.lock(ANN):
                 pass
         holder.kill()
@@ -240,7 +265,9 @@ def own_postgres(postgres):
 
 
 def memory_lines(caplog) -> list[str]:
-    return [record.getMessage() for record in caplog.records if record.name == "chatforge.memory"]
+    """The store's warnings (INFO lines, such as the migrations applied, aside)."""
+    return [record.getMessage() for record in caplog.records
+            if record.name == "chatforge.memory" and record.levelno >= logging.WARNING]
 
 
 def wait_until_stored(store: PostgresMemory, key: ConversationKey, text: str, within: float) -> float:
@@ -426,7 +453,8 @@ class Chat:
             raise AssertionError(f"no reply to {text!r} within {timeout} s; stderr:\n{self.stderr()}") from None
 
     def stderr(self) -> str:
-        self._stderr.flush()
+        if not self._stderr.closed:
+            self._stderr.flush()
         return self.stderr_path.read_text()
 
     def close(self) -> int:
