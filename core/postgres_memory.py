@@ -28,14 +28,17 @@ psycopg (3) is imported only when this backend is used.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+import os
 import re
 import select
+import socket
 import threading
 import time
-from typing import TYPE_CHECKING, Annotated, Any, Callable, ContextManager, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Callable, ContextManager, Iterator, TypeVar
 from urllib.parse import unquote
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
@@ -201,7 +204,10 @@ class PostgresMemory:
         self.lock_timeout = lock_timeout
         params = self._parse(url)
         self.where = _where(params)
-        defaults = {"connect_timeout": max(2, math.ceil(timeout)), "application_name": "chatforge"}
+        defaults = {"connect_timeout": max(2, math.ceil(timeout)), "application_name": "chatforge",
+                    # a network that loses the server breaks the connection rather than leave a call waiting
+                    "keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3,
+                    "tcp_user_timeout": int(max(timeout, 2.0) * 1000)}
         self._connect_options = {key: value for key, value in defaults.items() if key not in params}
         self._state = threading.Lock()
         self._down = False
@@ -210,6 +216,7 @@ class PostgresMemory:
         self._reason = ""
         self._migrated = False
         self._claims_pruned_at = 0.0
+        self._watchdog = _Watchdog()
         # The pool's own warnings ("error connecting in 'pool-1'") would repeat at every retry while the server
         # is down; this store says it once, and again when the server is back.
         pool_log = logging.getLogger("psycopg.pool")
@@ -252,7 +259,8 @@ class PostgresMemory:
             return
         with conn:
             try:
-                self._migrate(conn)
+                with self._watchdog.watching(conn, self.lock_timeout + 1):
+                    self._migrate(conn)
             except _Refused as exc:
                 raise MemoryUnavailable("url", str(exc)) from None
             except psycopg.Error as exc:
@@ -322,16 +330,21 @@ class PostgresMemory:
         return _Pool(pool, purpose)
 
     @staticmethod
-    def _settings(conn: Any, statement: float, lock: float | None = None) -> None:
-        conn.execute("SELECT set_config('statement_timeout', %s, false)", (f"{int(statement * 1000)}ms",))
+    def _settings(conn: Any, statement: float, lock: float | None = None, **more: str) -> None:
+        values = {"statement_timeout": f"{int(statement * 1000)}ms", **more}
         if lock is not None:
-            conn.execute("SELECT set_config('lock_timeout', %s, false)", (f"{int(lock * 1000)}ms",))
+            values["lock_timeout"] = f"{int(lock * 1000)}ms"
+        conn.execute("SELECT " + ", ".join("set_config(%s, %s, false)" for _ in values),
+                     [part for item in values.items() for part in item])
 
     def _configure(self, conn: Any) -> None:
         self._settings(conn, statement=self.timeout)
 
     def _configure_for_locks(self, conn: Any) -> None:
-        self._settings(conn, statement=self.lock_timeout + self.timeout, lock=self.lock_timeout)
+        # The server's keepalives: a process whose machine vanished loses its conversations' locks within a
+        # minute, not the system's two hours.
+        self._settings(conn, statement=self.lock_timeout + self.timeout, lock=self.lock_timeout,
+                       tcp_keepalives_idle="10", tcp_keepalives_interval="5", tcp_keepalives_count="3")
 
     # ------------------------------------------------------------ messages
 
@@ -379,7 +392,8 @@ class PostgresMemory:
         try:
             with self._connect() as conn:
                 if not self._migrated:
-                    self._migrate(conn)
+                    with self._watchdog.watching(conn, self.lock_timeout + 1):
+                        self._migrate(conn)
         except (psycopg.Error, _Refused) as exc:
             with self._state:
                 self._probing = False
@@ -413,18 +427,22 @@ class PostgresMemory:
                     raise TimeoutError(f"no free connection to PostgreSQL at {self.where} within {patience:g} s: all "
                                        f"{self.pool_size} {pool.purpose} are in use (memory.pool_size)") from None
 
-    def _failed(self, conn: Any, exc: BaseException) -> BaseException:
+    def _failed(self, conn: Any, exc: BaseException, watch: "_Watch | None" = None) -> BaseException:
         """The exception to raise for `exc` on `conn`: an outage if the connection broke, else `exc` itself."""
-        return self._went_down(self._reason_of(exc)) if conn.broken else exc
+        if not conn.broken:
+            return exc
+        return self._went_down(f"no answer within {watch.seconds:g} s" if watch and watch.cut else self._reason_of(exc))
 
     def _call(self, work: Callable[[Any], T]) -> T:
         import psycopg
 
         conn = self._getconn(self._pool, self.timeout)
+        watch = None
         try:
-            return work(conn)
+            with self._watchdog.watching(conn, self.timeout + 1) as watch:  # the server's statement_timeout first
+                return work(conn)
         except psycopg.Error as exc:
-            failure = self._failed(conn, exc)
+            failure = self._failed(conn, exc, watch)
             if failure is exc:
                 raise
             raise failure from None
@@ -486,8 +504,15 @@ class PostgresMemory:
             f"DELETE FROM chatforge_turns WHERE {_ABOUT_USER}", {"platform": platform, "user": user}).rowcount)
 
     def purge_before(self, timestamp: float) -> int:
-        return self._call(lambda conn: conn.execute(
-            "DELETE FROM chatforge_turns WHERE created_at < %s", (timestamp,)).rowcount)
+        """In batches, each well within the statement timeout, however much a first retention period removes."""
+        removed, batch = 0, 5000
+        while True:
+            deleted = self._call(lambda conn: conn.execute(
+                "DELETE FROM chatforge_turns WHERE id IN (SELECT id FROM chatforge_turns WHERE created_at < %s"
+                " LIMIT %s)", (timestamp, batch)).rowcount)
+            removed += deleted
+            if deleted < batch:
+                return removed
 
     def claim(self, event: str) -> bool:
         now = time.time()
@@ -511,14 +536,16 @@ class PostgresMemory:
         # Each conversation being answered holds one of pool_size connections: beyond that, a conversation waits
         # for one as it would for its lock.
         conn = self._getconn(self._lock_pool, self.lock_timeout)
+        watch = None
         try:
-            conn.execute("SELECT pg_advisory_lock(hashtextextended(%s, %s))", (key.encode(), _LOCK_SEED))
+            with self._watchdog.watching(conn, self.lock_timeout + self.timeout + 1) as watch:
+                conn.execute("SELECT pg_advisory_lock(hashtextextended(%s, %s))", (key.encode(), _LOCK_SEED))
         except psycopg.errors.LockNotAvailable:
             self._lock_pool.putconn(conn)
             raise LockTimeout(f"the conversation {key} stayed locked by another process for over "
                               f"{self.lock_timeout:g} s") from None
         except psycopg.Error as exc:
-            failure = self._failed(conn, exc)
+            failure = self._failed(conn, exc, watch)
             self._lock_pool.putconn(conn)
             if failure is exc:
                 raise
@@ -531,10 +558,12 @@ class PostgresMemory:
     def _release_lock(self, conn: Any, key: ConversationKey) -> None:
         import psycopg
 
+        watch = None
         try:
-            conn.execute("SELECT pg_advisory_unlock(hashtextextended(%s, %s))", (key.encode(), _LOCK_SEED))
+            with self._watchdog.watching(conn, self.timeout + 1) as watch:
+                conn.execute("SELECT pg_advisory_unlock(hashtextextended(%s, %s))", (key.encode(), _LOCK_SEED))
         except psycopg.Error as exc:
-            failure = self._failed(conn, exc)  # a broken connection took its lock with it
+            failure = self._failed(conn, exc, watch)  # a broken connection took its lock with it
             if failure is exc:
                 raise
             raise failure from None
@@ -542,8 +571,64 @@ class PostgresMemory:
             self._lock_pool.putconn(conn)
 
     def close(self) -> None:
-        for pool in (self._lock_pool, self._pool):
-            pool.close()
+        try:
+            for pool in (self._lock_pool, self._pool):
+                pool.close()
+        finally:
+            self._watchdog.stop()
+
+
+class _Watch:
+    def __init__(self, conn: Any, seconds: float) -> None:
+        self.conn, self.seconds = conn, seconds
+        self.deadline = time.monotonic() + seconds
+        self.cut = False
+
+
+class _Watchdog:
+    """Cuts the connection of a call that the server never answers: statement_timeout is the server's own
+    (a hung server never applies it) and TCP may wait for ever. The socket is shut down, so the call fails
+    at once, and the pool drops the connection."""
+
+    TICK = 0.25
+
+    def __init__(self) -> None:
+        self._watches: set[_Watch] = set()
+        self._lock = threading.Lock()
+        self._stopped = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @contextlib.contextmanager
+    def watching(self, conn: Any, seconds: float) -> Iterator[_Watch]:
+        watch = _Watch(conn, seconds)
+        with self._lock:
+            self._watches.add(watch)
+            if self._thread is None and not self._stopped.is_set():
+                self._thread = threading.Thread(target=self._run, name="chatforge-postgres-watchdog", daemon=True)
+                self._thread.start()
+        try:
+            yield watch
+        finally:
+            with self._lock:  # once out of the set, the connection is never cut (it goes back to the pool)
+                self._watches.discard(watch)
+
+    def _run(self) -> None:
+        while not self._stopped.wait(self.TICK):
+            now = time.monotonic()
+            with self._lock:
+                for watch in [watch for watch in self._watches if watch.deadline <= now and not watch.cut]:
+                    watch.cut = True
+                    with contextlib.suppress(OSError, ValueError):
+                        duplicate = socket.socket(fileno=os.dup(watch.conn.fileno()))
+                        try:
+                            duplicate.shutdown(socket.SHUT_RDWR)
+                        finally:
+                            duplicate.close()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        if self._thread is not None:
+            self._thread.join(5)
 
 
 class _Pool:

@@ -14,12 +14,14 @@ Every wait in here is bounded.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import pwd
 import secrets
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -121,10 +123,36 @@ class PostgresServer:
 
     def stop_server(self, timeout: int = 60) -> None:
         """Stop the server (fast: connections are cut), keeping the cluster for a later start()."""
+        self.resume()
         if self.running:
             self._run([str(self.bin / "pg_ctl"), "-D", str(self.data), "-w", "-t", str(timeout), "-m", "fast",
                        "stop"], timeout=timeout + 10)
             self.running = False
+
+    def pids(self) -> list[int]:
+        """The server's processes: the postmaster (from its pid file) and its children."""
+        postmaster = int((self.data / "postmaster.pid").read_text().split()[0])
+        children = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == postmaster:
+                children.append(int(stat.parent.name))
+        return [postmaster, *children]
+
+    def pause(self) -> None:
+        """Stop the server's processes (SIGSTOP): a server that accepts connections and never answers."""
+        self._paused = self.pids()
+        for pid in self._paused:
+            os.kill(pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        for pid in getattr(self, "_paused", []):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        self._paused = []
 
     def restart(self) -> None:
         """Stop fast and start again on the same port (a database restarted under a running bot)."""

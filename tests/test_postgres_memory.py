@@ -349,6 +349,28 @@ def test_a_database_restarted_under_a_store_fails_fast_then_recovers(own_postgre
         store.close()
 
 
+def test_a_server_that_stops_answering_costs_a_call_its_timeout_then_calls_fail_fast(own_postgres):
+    own_postgres.start()
+    store = PostgresMemory(own_postgres.url, timeout=1)
+    try:
+        store.add(ANN, turn("before"))
+        own_postgres.pause()  # it still accepts connections, and never answers
+        started = time.monotonic()
+        with pytest.raises(DatabaseUnreachable, match="no answer within 2 s"):
+            store.recent(ANN, 5)
+        assert time.monotonic() - started < 1 + 1 + 1.5
+        started = time.monotonic()
+        with pytest.raises(DatabaseUnreachable):
+            store.add(ANN, turn("lost"))
+        assert time.monotonic() - started < 0.2
+        own_postgres.resume()
+        wait_until_stored(store, ANN, "after", within=RETRY_AFTER + 10)
+        assert texts(store.recent(ANN, 5)) == ["before", "after"]
+    finally:
+        own_postgres.resume()
+        store.close()
+
+
 def test_a_quick_restart_between_calls_loses_nothing(own_postgres):
     own_postgres.start()
     store = PostgresMemory(own_postgres.url, timeout=2)
