@@ -25,6 +25,15 @@ What it does:
   once connected it logs "discord: connected as NAME". A rejected token or
   refused intent is an AdapterError (`chatforge run` exits 2); any other
   failure to connect is raised.
+- Shards, for one bot served by several processes: with `shard_count: N`, a
+  process runs the shards in `shard_ids` (all N when it is left out) on one
+  `discord.AutoShardedClient`. Discord sends each guild's events on shard
+  (guild_id >> 22) % N and direct messages on shard 0, so every shard must run
+  in exactly one process. Slash commands are synced by the process that runs
+  shard 0 only (all of them answer them).
+
+        shard_count: 4
+        shard_ids: ${SHARD_IDS}       # "0,1" in one process, "2,3" in another
 
 Pointing at another Discord (`api_base`, `gateway_url`) is for proxies and
 tests. discord.py reads its endpoints from class attributes shared by every
@@ -52,7 +61,7 @@ import discord
 import yarl
 from discord import app_commands
 from discord.webhook.async_ import AsyncWebhookAdapter, async_context
-from pydantic import BeforeValidator, Field, field_validator
+from pydantic import AfterValidator, BeforeValidator, Field, ValidationInfo, field_validator
 
 from chatforge.adapter import Adapter, AdapterError, PlatformConfig
 from chatforge.delivery import RetryAfter, StreamingReply, keep_typing, split_message
@@ -69,12 +78,30 @@ TYPING_EVERY = 8.0
 ANSWER_WITHIN = 2.0
 """An interaction must be answered within 3 s; slower answers are deferred, then followed up."""
 
+IDENTIFY_EVERY = 5.0
+"""Seconds discord.py waits before each IDENTIFY but a process's first: Discord allows most bots one IDENTIFY
+per 5 s (`session_start_limit.max_concurrency` is 1)."""
 RETRY_FIRST, RETRY_MAX = 1.0, 30.0
 """Seconds between attempts to reach Discord: doubling from the first to the last."""
 
 DEFAULT_API_BASE = discord.http.Route.BASE
 DEFAULT_GATEWAY = str(discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY)
 KEYWORDS = ("dm", "mention", "all")
+
+
+def _shard_id(value: Any, info: ValidationInfo) -> Any:
+    """One `shard_ids` entry: a whole number below `shard_count` (which is checked before it)."""
+    if isinstance(value, bool):
+        raise ValueError("a shard id (a whole number)")
+    return value
+
+
+def _below_shard_count(value: int, info: ValidationInfo) -> int:
+    count = info.data.get("shard_count")
+    if count is not None and not 0 <= value < count:  # without shard_count, the whole list is blamed
+        raise ValueError("0 (shard_count is 1)" if count == 1 else
+                         f"a shard id from 0 to {count - 1} (shard_count is {count})")
+    return value
 
 
 def _respond_target(value: Any) -> str:
@@ -96,12 +123,37 @@ class DiscordConfig(PlatformConfig):
     command_prefix: str = "/"
     """Typed messages starting with this and naming a command are commands."""
     slash_commands: bool = True
-    """Register every command as a Discord slash command when the bot starts."""
+    """Register every command as a Discord slash command when the bot starts (the process with shard 0 does)."""
+    shard_count: Optional[int] = Field(None, ge=1)
+    """How many shards the bot has in all; None: no sharding, one connection gets everything."""
+    shard_ids: Optional[Annotated[list[Annotated[int, BeforeValidator(_shard_id), AfterValidator(_below_shard_count)]],
+                                  Field(min_length=1)]] = None
+    """The shards this process runs (each in exactly one process); None: all of them. Needs shard_count."""
 
     @field_validator("respond_to", mode="before")
     @classmethod
     def _one_or_a_list(cls, value: Any) -> Any:
         return value if isinstance(value, (list, tuple)) else [value]
+
+    @field_validator("shard_ids", mode="before")
+    @classmethod
+    def _ids_or_a_list(cls, value: Any) -> Any:
+        """A list, one id, or (from the environment: `${SHARD_IDS}`) ids in a string: "0,1" or "0 1"."""
+        if isinstance(value, str):
+            return [part for part in re.split(r"[\s,]+", value) if part]
+        return [value] if isinstance(value, int) and not isinstance(value, bool) else value
+
+    @field_validator("shard_ids")
+    @classmethod
+    def _ids(cls, value: Optional[list[int]], info: ValidationInfo) -> Optional[list[int]]:
+        if value is None:
+            return value
+        if "shard_count" in info.data and info.data["shard_count"] is None:  # (absent when it is wrong itself)
+            raise ValueError("must come with shard_count (how many shards the bot has in all)")
+        repeated = next((shard for n, shard in enumerate(value) if shard in value[:n]), None)
+        if repeated is not None:
+            raise ValueError(f"must list each shard once ({repeated} is there twice)")
+        return value
 
     @field_validator("api_base")
     @classmethod
@@ -153,6 +205,10 @@ class _GatewayUnreachable(Exception):
     """
 
 
+class _Stopping(Exception):
+    """`stop()` was called while a gateway connection was being made: it must not IDENTIFY."""
+
+
 def _transient(error: BaseException) -> bool:
     """Whether a failure to connect is worth retrying: the network, or Discord having trouble (5xx, 429)."""
     if isinstance(error, discord.HTTPException):
@@ -173,7 +229,9 @@ class _RebasedWebhookAdapter(AsyncWebhookAdapter):
         return await super().request(route, *args, **kwargs)
 
 
-class _Client(discord.Client):
+class _Adapted:
+    """What both clients (`_Client`, `_ShardedClient`) add to discord.py's: endpoints, slash commands, events."""
+
     def __init__(self, adapter: DiscordAdapter, **options: Any) -> None:
         super().__init__(**options)
         self.adapter = adapter
@@ -193,7 +251,7 @@ class _Client(discord.Client):
             try:
                 return await ws_connect(_rebase_gateway(url, config.gateway_url), **kwargs)
             except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
-                if self.ws is None:  # no session yet
+                if self._before_session():
                     raise _GatewayUnreachable() from exc
                 raise
 
@@ -207,9 +265,25 @@ class _Client(discord.Client):
                 except Exception as exc:  # noqa: BLE001 - one odd command must not stop the others
                     log.warning("cannot offer /%s as a Discord slash command: %s", command.name, exc)
 
+    def _before_session(self) -> bool:
+        """Whether the client is making its first gateway connection (a failure is then the adapter's to retry)."""
+        return self.ws is None
+
+    async def before_identify_hook(self, shard_id: int | None, *, initial: bool = False) -> None:
+        """discord.py's pause before each IDENTIFY but a process's first (Discord's identify rate limit),
+        cut short by `stop()`."""
+        if not initial:
+            await self._identify_pause()
+
+    async def _identify_pause(self) -> None:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self.adapter._stop_requested.wait(), IDENTIFY_EVERY)
+
     async def setup_hook(self) -> None:
-        if self.tree is not None:
+        if self.tree is not None and self.adapter.syncs_commands:
             self.adapter.background(self._sync())
+        elif self.tree is not None:
+            log.info("slash commands are synced by the process that runs shard 0, not this one")
 
     async def _sync(self) -> None:
         try:
@@ -220,10 +294,65 @@ class _Client(discord.Client):
                         "applications.commands scope?): %s", exc)
 
     async def on_ready(self) -> None:
-        self.adapter.announce(f"{self.user} (id {self.user.id if self.user else '?'})")
+        account = f"{self.user} (id {self.user.id if self.user else '?'})"
+        config = self.adapter.config
+        if config.shard_count is not None:
+            shards = config.shard_ids if config.shard_ids is not None else range(config.shard_count)
+            account += (f" on shard{'s' if len(shards) > 1 else ''} {', '.join(map(str, shards))} "
+                        f"(shard_count: {config.shard_count})")
+        self.adapter.announce(account)
 
     async def on_message(self, message: discord.Message) -> None:
         self.adapter.on_message(message)
+
+
+class _Client(_Adapted, discord.Client):
+    """The bot on one gateway connection: no sharding."""
+
+
+class _ShardedClient(_Adapted, discord.AutoShardedClient):
+    """The bot on the shards `shard_ids` of `shard_count`, one gateway connection each, in this process."""
+
+    _launching = False
+
+    def _before_session(self) -> bool:
+        return self._launching
+
+    async def launch_shards(self) -> None:
+        self._launching = True
+        try:
+            await super().launch_shards()
+        finally:
+            self._launching = False
+
+    async def launch_shard(self, gateway: yarl.URL, shard_id: int, *, initial: bool = False) -> None:
+        """discord.py's, except that a shard that cannot connect is raised, not retried every 5 s forever.
+
+        discord.py logs a traceback at each of those tries; raised, it is the adapter's to retry (with
+        backoff, one warning a try), as for an unsharded client. With shard_count given, discord.py connects
+        to DiscordWebSocket.DEFAULT_GATEWAY (GET /gateway/bot is asked only when it must count the shards),
+        which `gateway_url` moves.
+        """
+        if not initial:
+            await self._identify_pause()  # here rather than in from_client, so that stop() connects no more
+        if self.adapter._stop_requested.is_set():
+            raise _Stopping()
+        # initial=True: the pause before its IDENTIFY is over.
+        connecting = discord.gateway.DiscordWebSocket.from_client(self, initial=True, gateway=gateway,
+                                                                  shard_id=shard_id)
+        try:
+            ws = await asyncio.wait_for(connecting, timeout=self.shard_connect_timeout)
+        except _GatewayUnreachable:
+            raise
+        except (aiohttp.ClientError, OSError, asyncio.TimeoutError, discord.ConnectionClosed) as exc:
+            raise _GatewayUnreachable() from exc
+        if self.adapter._stop_requested.is_set():
+            await ws.close(code=1000)
+            raise _Stopping()
+        # What discord.py's launch_shard does with a connected shard (its private names: 2.7 and 2.8).
+        shard = discord.shard.Shard(ws, self, self._AutoShardedClient__queue.put_nowait)
+        self._AutoShardedClient__shards[shard_id] = shard
+        shard.launch()
 
 
 # ---------------------------------------------------------------- the adapter
@@ -236,9 +365,15 @@ class DiscordAdapter(Adapter):
 
     def __init__(self, engine, config: DiscordConfig | None) -> None:
         super().__init__(engine, config or DiscordConfig())
-        self.client: _Client | None = None
+        self.client: _Client | _ShardedClient | None = None
         self._stop_requested = asyncio.Event()
         self._background: set[asyncio.Task] = set()
+
+    @property
+    def syncs_commands(self) -> bool:
+        """Whether this process registers the slash commands: once per bot, by the one that runs shard 0."""
+        config = self.config
+        return config.slash_commands and (config.shard_ids is None or 0 in config.shard_ids)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -286,7 +421,12 @@ class DiscordAdapter(Adapter):
         intents = discord.Intents.default()
         intents.message_content = True
         # Replies come from a language model: they must never ping @everyone, roles or users.
-        self.client = client = _Client(self, intents=intents, allowed_mentions=discord.AllowedMentions.none())
+        options: dict[str, Any] = {"intents": intents, "allowed_mentions": discord.AllowedMentions.none()}
+        if self.config.shard_count is None:
+            self.client = client = _Client(self, **options)
+        else:
+            self.client = client = _ShardedClient(self, shard_count=self.config.shard_count,
+                                                  shard_ids=self.config.shard_ids, **options)
         try:
             try:
                 await client.login(token)

@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -98,8 +99,11 @@ class Bot:
 
     def __init__(self, folder: Path, fake: FakeDiscord, adapter_yaml: str, plugins_yaml: str = "",
                  token: str | None = TOKEN, model: Path | None = None, cache: Path | None = None,
-                 limits_yaml: str = "") -> None:
-        self.folder, self.fake = folder, fake
+                 limits_yaml: str = "", via: str | None = None, env: dict[str, str] | None = None) -> None:
+        """`via`: reach the fake under this prefix, so that its requests and connections say it was this bot."""
+        self.folder, self.fake, self.via = folder, fake, via
+        api_base = fake.api_base_for(via) if via else fake.api_base
+        gateway_url = fake.gateway_url_for(via) if via else fake.gateway_url
         self.config = folder / "config.yaml"
         self.config.write_text(textwrap.dedent(f"""
             generator:
@@ -121,10 +125,10 @@ class Bot:
               discord:
                 enabled: true
                 token: ${{TEST_DISCORD_TOKEN}}
-                api_base: {fake.api_base}
-                gateway_url: {fake.gateway_url}
+                api_base: {api_base}
+                gateway_url: {gateway_url}
             """) + textwrap.indent(textwrap.dedent(adapter_yaml), "    "))
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **(env or {})}
         env.pop("TEST_DISCORD_TOKEN", None)
         if token is not None:
             env["TEST_DISCORD_TOKEN"] = token
@@ -141,13 +145,17 @@ class Bot:
     def stderr(self) -> str:
         return self.stderr_path.read_text(errors="replace")
 
-    def wait_ready(self) -> None:
+    def wait_ready(self, shards: set[int] | None = None) -> None:
+        """Until this bot (its `via`, if it has one) was sent READY: on each of `shards`, if given."""
         def ready() -> bool:
             if self.process.poll() is not None:
                 raise AssertionError(f"chatforge run exited with {self.process.returncode}:\n{self.stderr}")
-            return any(kind == "ready-sent" for kind, _ in self.fake.gateway_log)
+            if shards is not None:
+                return shards <= self.fake.ready_shards(self.via)
+            return any(kind == "ready-sent" and (self.via is None or payload["via"] == self.via)
+                       for kind, payload in self.fake.gateway_log)
 
-        self.fake.wait_until(ready, READY_WITHIN, "the bot to connect to the gateway")
+        self.fake.wait_until(ready, READY_WITHIN, f"the bot to connect to the gateway (shards {shards})")
 
     def wait_exit(self, timeout: float) -> int:
         return self.process.wait(timeout)
@@ -407,6 +415,85 @@ def test_streaming_edits_no_faster_than_the_interval_and_honours_a_429(stream_bo
     assert content(edits[-1]) == PACED_TEXT
 
 
+# ---------------------------------------------------------------- shards: several processes, one bot
+
+
+def announced(bot: Bot) -> list[str]:
+    return [line for line in bot.stderr.splitlines() if "connected as" in line]
+
+
+def test_two_processes_each_run_their_own_shards(tmp_path, tiny_gpt2, model_cache):
+    """One config for both (shard_ids from the environment); each answers what Discord sends on its shard."""
+    with FakeDiscord(TOKEN, shard_count=2) as fake:
+        zero_channel, one_channel = fake.guild_on_shard(0)[1], fake.guild_on_shard(1)[1]
+        assert one_channel == CHANNEL_ID  # the guild the slash command below comes from is on shard 1
+        bots: dict[str, Bot] = {}
+        statuses: dict[str, int] = {}
+        try:
+            for via, shard_ids in (("zero", "0"), ("one", "1")):
+                (tmp_path / via).mkdir()
+                bots[via] = Bot(tmp_path / via, fake, "shard_count: 2\nshard_ids: ${TEST_SHARD_IDS}\n",
+                                model=tiny_gpt2, cache=model_cache, via=via, env={"TEST_SHARD_IDS": shard_ids})
+            bots["zero"].wait_ready({0})
+            bots["one"].wait_ready({1})
+            assert fake.identified_shards("zero") == [[0, 2]] and fake.identified_shards("one") == [[1, 2]]
+
+            since = fake.mark()
+            on_zero = fake.dispatch_message("hello shard zero", ALICE, channel_id=zero_channel, mention=True)
+            on_one = fake.dispatch_message("/sentiment I love shard one", BOB, channel_id=one_channel)
+            dm = fake.dispatch_dm("/help", ALICE)  # direct messages come on shard 0
+            interaction, token = fake.dispatch_slash("sentiment", BOB, "I love it", channel_id=one_channel)
+            zero_reply, one_reply = wait_reply(fake, on_zero, since), wait_reply(fake, on_one, since)
+            dm_reply = wait_reply(fake, dm, since)
+            answer = fake.wait_for("POST", rf"/interactions/{interaction}/{re.escape(token)}/callback", since,
+                                   timeout=REPLY_WITHIN)[0]
+            assert (zero_reply.via, zero_reply.path) == ("zero", f"/channels/{zero_channel}/messages")
+            assert (one_reply.via, one_reply.path) == ("one", f"/channels/{one_channel}/messages")
+            assert content(one_reply).startswith("positive (+")
+            assert dm_reply.via == "zero" and content(dm_reply).startswith("Commands:")
+            # Slash commands are synced by the process with shard 0 only, but answered by every one.
+            assert answer.via == "one" and answer.body["data"]["content"].startswith("positive (+")
+            fake.wait_for("PUT", r"/applications/\d+/commands", where=lambda r: r.via == "zero")
+            time.sleep(QUIET_FOR)
+            assert [r.via for r in fake.find("PUT", r"/applications/\d+/commands")] == ["zero"]
+            assert all(len(replies_to(fake, message, since)) == 1 for message in (on_zero, on_one, dm))
+            for bot in bots.values():  # discord.py calls on_ready 2 s after a shard's last guild came
+                fake.wait_until(lambda bot=bot: announced(bot), 10, "the announcement")
+        finally:
+            for via, bot in bots.items():
+                statuses[via] = bot.stop()
+        assert statuses == {"zero": 0, "one": 0}, {via: bot.stderr for via, bot in bots.items()}
+        assert announced(bots["zero"]) == [f"chatforge: INFO: discord: connected as forgebot (id {BOT_USER['id']}) "
+                                           "on shard 0 (shard_count: 2)"]
+        assert announced(bots["one"])[0].endswith(") on shard 1 (shard_count: 2)")
+        for bot in bots.values():
+            assert "Traceback" not in bot.stderr and TOKEN not in bot.stdout + bot.stderr
+
+
+@pytest.mark.parametrize("keys, expected", [
+    ("shard_ids: [0]",
+     "config.yaml:7: adapters.discord.shard_ids: must come with shard_count (how many shards the bot has in "
+     "all), got [0]"),
+    ("shard_count: 2\nshard_ids: [0, 2]",
+     "config.yaml:8: adapters.discord.shard_ids.1: must be a shard id from 0 to 1 (shard_count is 2), got 2"),
+    ("shard_count: 3\nshard_ids: [2, 0, 2]",
+     "config.yaml:8: adapters.discord.shard_ids: must list each shard once (2 is there twice), got [2, 0, 2]"),
+    ("shard_count: 2\nshard_ids: []", "config.yaml:8: adapters.discord.shard_ids: must not be empty\n"),
+    ("shard_count: 0", "config.yaml:7: adapters.discord.shard_count: must be greater than or equal to 1, got 0"),
+], ids=["ids-without-count", "id-out-of-range", "duplicate-id", "no-ids", "no-shards"])
+def test_config_check_names_bad_shard_keys(keys, expected, tmp_path, cli):
+    (tmp_path / "config.yaml").write_text(textwrap.dedent("""
+        plugins:
+          discord:
+            module: chatforge.adapters.discord
+        adapters:
+          discord:
+    """) + textwrap.indent(keys, "    ") + "\n")
+    result = cli("config", "check", cwd=tmp_path)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert expected in result.stderr
+
+
 # ---------------------------------------------------------------- tokens and signals
 
 
@@ -540,11 +627,11 @@ async def wait_for(condition, timeout: float, what: str) -> None:
         await asyncio.sleep(0.05)
 
 
-def discord_config(api_port: int, gateway_port: int):
+def discord_config(api_port: int, gateway_port: int, **keys):
     from chatforge.adapters.discord import DiscordConfig
 
     return DiscordConfig(enabled=True, token=TOKEN, api_base=f"http://127.0.0.1:{api_port}/api/v10",
-                         gateway_url=f"ws://127.0.0.1:{gateway_port}/gateway")
+                         gateway_url=f"ws://127.0.0.1:{gateway_port}/gateway", **keys)
 
 
 def test_an_unreachable_discord_is_retried_with_backoff_until_stopped(caplog):
@@ -614,13 +701,14 @@ def test_a_session_that_ends_unasked_is_reconnected_never_a_silent_return(caplog
         asyncio.run(asyncio.wait_for(scenario(server), 30))
 
 
-def test_an_unreachable_gateway_is_retried_too(caplog):
+@pytest.mark.parametrize("shards", [{}, {"shard_count": 2}], ids=["unsharded", "sharded"])
+def test_an_unreachable_gateway_is_retried_too(shards, caplog):
     import asyncio
 
     from chatforge.adapters.discord import DiscordAdapter
 
     async def scenario(server: FakeDiscord) -> None:
-        adapter = DiscordAdapter(Engine(), discord_config(server.port, closed_port()))
+        adapter = DiscordAdapter(Engine(), discord_config(server.port, closed_port(), **shards))
         running = asyncio.create_task(adapter.run())
         await wait_for(lambda: len(retries(caplog)) >= 2 or running.done(), 10, "two retries")
         assert not running.done()
@@ -631,6 +719,79 @@ def test_an_unreachable_gateway_is_retried_too(caplog):
         assert "Traceback" not in caplog.text and "Attempting a reconnect" not in caplog.text
 
     with FakeDiscord(TOKEN) as server:
+        asyncio.run(asyncio.wait_for(scenario(server), 30))
+
+
+def test_one_process_runs_every_shard_when_shard_ids_is_left_out(caplog):
+    import asyncio
+
+    from chatforge.adapters.discord import DiscordAdapter
+
+    async def scenario(server: FakeDiscord) -> None:
+        adapter = DiscordAdapter(Engine(), discord_config(server.port, server.port, shard_count=2))
+        running = asyncio.create_task(adapter.run())
+        try:
+            # discord.py waits 5 s before each IDENTIFY after a process's first (Discord's identify rate limit).
+            await asyncio.to_thread(server.wait_until, lambda: server.ready_shards() == {0, 1}, 30,
+                                    "READY on both shards")
+            await wait_for(lambda: "discord: connected as" in caplog.text, 10, "the announcement")
+            assert not running.done()
+        finally:
+            await asyncio.wait_for(adapter.stop(), 10)
+            await asyncio.wait_for(running, 10)
+        assert server.identified_shards() == [[0, 2], [1, 2]]
+        assert len(server.find("PUT", r"/applications/\d+/commands")) == 1
+        assert "connected as forgebot (id 900000000000000001) on shards 0, 1 (shard_count: 2)" in caplog.text
+        assert "Traceback" not in caplog.text
+
+    with FakeDiscord(TOKEN, shard_count=2) as server:
+        asyncio.run(asyncio.wait_for(scenario(server), 60))
+
+
+@pytest.mark.parametrize("code, expected", [
+    (4004, "adapters.discord.token: Discord rejected the token (gateway close 4004)"),
+    (4014, "adapters.discord: Discord refused the Message Content intent"),
+])
+def test_a_gateway_refusal_is_an_adapter_error_when_sharded_too(code, expected):
+    import asyncio
+
+    from chatforge.adapter import AdapterError
+    from chatforge.adapters.discord import DiscordAdapter
+
+    async def scenario(server: FakeDiscord) -> None:
+        adapter = DiscordAdapter(Engine(), discord_config(server.port, server.port, shard_count=2, shard_ids=[1]))
+        with pytest.raises(AdapterError) as refused:
+            await asyncio.wait_for(adapter.run(), 15)
+        assert str(refused.value).startswith(expected)
+        assert server.identified_shards() == [[1, 2]]
+
+    with FakeDiscord(TOKEN, shard_count=2) as server:
+        server.close_on_identify = code
+        asyncio.run(asyncio.wait_for(scenario(server), 30))
+
+
+def test_stopping_while_shards_are_launched_is_prompt():
+    """discord.py waits 5 s before each IDENTIFY after the first; stop() does not wait them out."""
+    import asyncio
+
+    from chatforge.adapters.discord import DiscordAdapter
+
+    async def scenario(server: FakeDiscord) -> None:
+        adapter = DiscordAdapter(Engine(), discord_config(server.port, server.port, shard_count=3))
+        running = asyncio.create_task(adapter.run())
+        await asyncio.to_thread(server.wait_until, lambda: server.ready_shards() == {0}, 15, "READY on shard 0")
+        started = time.monotonic()
+        await asyncio.wait_for(adapter.stop(), 10)
+        await asyncio.wait_for(running, 10)
+        assert time.monotonic() - started < 2
+        assert server.identified_shards() == [[0, 3]]
+        await wait_for(lambda: not heartbeats() - before, 5, "the shards' heartbeat threads to end")
+
+    def heartbeats() -> set:
+        return {thread for thread in threading.enumerate() if thread.name.startswith("keep-alive-handler")}
+
+    before = heartbeats()
+    with FakeDiscord(TOKEN, shard_count=3) as server:
         asyncio.run(asyncio.wait_for(scenario(server), 30))
 
 
