@@ -56,6 +56,7 @@ class Delivery:
     """One POST of an update to a worker's webhook (push mode)."""
 
     update_id: int
+    message_id: int
     target: int
     """Index of the worker's URL in `deliver(targets)`."""
     status: int
@@ -178,7 +179,8 @@ class FakeTelegram(LoopbackServer):
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
                 status = 0
             with self._lock:
-                self.deliveries.append(Delivery(update["update_id"], target, status, redelivery))
+                self.deliveries.append(Delivery(update["update_id"], update["message"]["message_id"], target,
+                                                status, redelivery))
             return status
 
         async def push(session: aiohttp.ClientSession, update: dict[str, Any]) -> None:
