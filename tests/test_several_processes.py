@@ -16,10 +16,16 @@ which worker answered. No model is loaded (the `openai` backend is
 configured, against tests/fake_openai.py, only so that nothing imports
 torch), so the 1,000 messages take seconds.
 
-The memory is a fixture parameter (`shared_memory`): one SQLite file now;
-another backend is a `SharedMemory` more (its YAML lines and how the test
-opens the store to check it). Every process and server the test starts is
-stopped by it; every wait is bounded.
+The memory is a fixture parameter (`shared_memory`): one SQLite file; a
+PostgreSQL database (the `postgres` fixtures of conftest.py; skipped where
+PostgreSQL is not installed); and the same with the server restarted in the
+middle of the run. Through that outage replies are still sent, turns may be
+lost but each loss is logged, an update is answered twice only if it was
+delivered twice while its claim could not be checked (and the worker says
+so), and a last message from every user after the outage is stored. Another
+backend is one more `SharedMemory` (its YAML lines and how the test opens
+the store to check it). Every process and server the test starts is stopped
+by it; every wait is bounded.
 """
 
 from __future__ import annotations
@@ -105,6 +111,8 @@ class SharedMemory:
     """Called once in the middle of the run (after OUTAGE_AFTER answers): the store goes away and comes back.
     Turns may then be lost (each loss logged), and updates redelivered while the claims could not be made
     may be answered twice (each such update logged); everything else is checked as without an outage."""
+    recovery: float = 0.0
+    """Seconds the store waits after a failed call before it tries the server again."""
 
 
 def sqlite_memory(request, folder: Path) -> SharedMemory:
@@ -117,16 +125,12 @@ def sqlite_memory(request, folder: Path) -> SharedMemory:
     return SharedMemory("sqlite", f"backend: sqlite\npath: {path}", lambda: SQLiteMemory(path), rows)
 
 
-RECOVERY = 2.0
-"""Seconds a store may wait after a failed call before it tries the server again (postgres: RETRY_AFTER)."""
-
-
 def postgres_memory(request, folder: Path, restart: bool = False) -> SharedMemory:
     """A fresh database on the session's PostgreSQL server (tests/postgres.py); skipped where it is not
     installed. With `restart`, the server is restarted (stopped fast, started again) in the middle of the run."""
     url = request.getfixturevalue("postgres_url")
     server = request.getfixturevalue("postgres")
-    from chatforge.postgres_memory import PostgresMemory
+    from chatforge.postgres_memory import RETRY_AFTER, PostgresMemory
 
     def rows() -> int:
         import psycopg
@@ -136,7 +140,8 @@ def postgres_memory(request, folder: Path, restart: bool = False) -> SharedMemor
 
     return SharedMemory("postgres" + (" restarted" if restart else ""), "backend: postgres\nurl: ${SP_DATABASE_URL}",
                         lambda: PostgresMemory(url), rows, env={"SP_DATABASE_URL": url},
-                        secrets=(url, server.password), outage=server.restart if restart else None)
+                        secrets=(url, server.password), outage=server.restart if restart else None,
+                        recovery=RETRY_AFTER)
 
 
 BACKENDS: dict[str, Callable[..., SharedMemory]] = {
@@ -269,9 +274,9 @@ class People:
 
     def send(self, chat: int, user: int, n: int) -> None:
         text = f"sp-chat{chat}-user{user}-n{n}"
-        message = self.fake.enqueue_message(f"@{BOT_USERNAME} {text}", chat_id=chat, user_id=user, group=True,
-                                            first_name=f"U{user}")
-        with self.lock:
+        with self.lock:  # recorded before its answer can be looked up
+            message = self.fake.enqueue_message(f"@{BOT_USERNAME} {text}", chat_id=chat, user_id=user, group=True,
+                                                first_name=f"U{user}")
             self.sent[message["message_id"]] = Sent(chat, user, n, text)
 
     def start(self) -> None:
@@ -340,7 +345,7 @@ def test_two_workers_answer_1000_messages_each_once_in_order_with_one_memory(tmp
             if outage is not None:
                 # Storing resumes: once the store's quiet period after a failure is over, a last message from
                 # every user (the first call a worker makes finds the server back).
-                time.sleep(2 * RECOVERY)
+                time.sleep(2 * shared_memory.recovery + 1)
                 for chat, user in people.users():
                     people.send(chat, user, MESSAGES_PER_USER)
                 assert people.wait_answered(len(people.sent), 60), "the answers after the outage"
