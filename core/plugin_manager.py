@@ -33,7 +33,7 @@ from .commands import Command, CommandRegistry
 from .generation import GeneratorBackend
 from .memory import MemoryBackend
 from .skill import SkillError
-from .config import ConfigIssue, PluginSection, Settings, locate, validate_section
+from .config import DEFAULT_MEMORY_BACKEND, ConfigIssue, PluginSection, Settings, locate, validate_section
 
 log = logging.getLogger("chatforge.plugins")
 
@@ -395,12 +395,24 @@ class PluginHost:
                                 f'(available: {", ".join(known) or "none"}){hint}')
             return locate([issue], self.settings.lines)
         section = self.settings.raw.get("memory")
+        written = dict(section) if isinstance(section, dict) else {}
+        if name == DEFAULT_MEMORY_BACKEND:  # the whole section was validated with the file (MemoryConfig)
+            options = {key: value for key, value in written.items() if key in backend.Config.model_fields}
+            config, issues = validate_section(backend.Config, options, "memory", self.settings)
+            self.memory_config = config
+            return issues
         engine_keys = set(type(self.settings.memory).model_fields) - {"path"}
-        options = {key: value for key, value in (section.items() if isinstance(section, dict) else ())
-                   if key not in engine_keys}
-        config, issues = validate_section(backend.Config, options, "memory", self.settings)
-        self.memory_config = config
-        return issues
+        theirs = set(backend.Config.model_fields)
+        options = {key: value for key, value in written.items() if key not in engine_keys}
+        issues = []
+        for key in [key for key in options if key not in theirs]:  # a typo may be of an engine key too
+            close = difflib.get_close_matches(key, sorted(theirs | engine_keys), n=1)
+            hint = f' (did you mean "{close[0]}"?)' if close else f" (known keys: {', '.join(sorted(theirs | engine_keys))})"
+            issues.append(ConfigIssue(f"memory.{key}", "unknown key" + hint))
+            del options[key]
+        config, found = validate_section(backend.Config, options, "memory", self.settings)
+        self.memory_config = config if not issues else None
+        return locate(issues, self.settings.lines) + found
 
     def _register_commands(self) -> None:
         def register_for(plugin: str) -> Callable[..., None]:

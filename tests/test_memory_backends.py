@@ -284,3 +284,11 @@ def test_the_store_lock_is_held_while_a_message_is_answered():
     bot.ask("one", chat="a")
     bot.close()
     assert events == ["lock a", "generate one", "unlock a"]
+
+
+def test_a_misspelt_engine_key_beside_another_store_is_named_with_its_right_spelling(cli, tmp_path):
+    config = journal_config(tmp_path, "backend: journal\nfile: turns.jsonl\nscpoe: chat")
+    result = cli("config", "check", "-c", str(config))
+    assert result.returncode == 2, result.stderr
+    assert f'{config}:6: memory.scpoe: unknown key (did you mean "scope"?)' in result.stderr, result.stderr
+    assert result.stderr.count("memory.scpoe") == 1
