@@ -113,17 +113,24 @@ def _text(value: str) -> str:
     return value.replace("\x00", "\ufffd")
 
 
+def _has_news(conn: Any) -> bool:
+    """Whether an idle connection has something to read: one the server closed (a restart) has its goodbye
+    waiting. Without a round trip."""
+    if conn.closed or conn.broken:
+        return True
+    poller = select.poll()
+    poller.register(conn.fileno(), select.POLLIN | select.POLLERR | select.POLLHUP)
+    return bool(poller.poll(0))
+
+
 def _check_idle(conn: Any) -> None:
-    """The pool's check of a connection it is about to hand out, without a round trip when it can: an idle
-    connection has nothing to read, and one the server closed (a restart) has its goodbye waiting. Only then
-    is it asked (an empty query), and dropped if that fails."""
+    """The pool's check of a connection it is about to hand out: asked (an empty query) only if it has news,
+    and dropped if that fails."""
     from psycopg_pool import ConnectionPool
 
     if conn.closed or conn.broken:
         raise ConnectionError("the connection is closed")
-    poller = select.poll()
-    poller.register(conn.fileno(), select.POLLIN | select.POLLERR | select.POLLHUP)
-    if poller.poll(0):
+    if _has_news(conn):
         ConnectionPool.check_connection(conn)
 
 
@@ -133,6 +140,12 @@ class DatabaseUnreachable(ConnectionError):
 
 class LockTimeout(TimeoutError):
     """Another process held the conversation's lock for longer than the lock timeout."""
+
+
+class UnlockedTurn(RuntimeError):
+    """A turn not stored because its conversation was answered without its lock (it could not be taken, or
+    was lost with its connection): another process may have stored a later turn meanwhile, and the
+    conversation's order comes first."""
 
 
 class _Refused(Exception):
@@ -209,7 +222,8 @@ class PostgresMemory:
                     "keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3,
                     "tcp_user_timeout": int(max(timeout, 2.0) * 1000)}
         self._connect_options = {key: value for key, value in defaults.items() if key not in params}
-        self._state = threading.Lock()
+        self._connect_seconds = int(params.get("connect_timeout") or self._connect_options["connect_timeout"])
+        self._state = threading.Condition()
         self._down = False
         self._probing = False
         self._retry_at = 0.0
@@ -217,6 +231,11 @@ class PostgresMemory:
         self._migrated = False
         self._claims_pruned_at = 0.0
         self._watchdog = _Watchdog()
+        self._locks = threading.Lock()
+        self._held: dict[ConversationKey, Any] = {}
+        """Conversations this process is answering under their lock: the connection holding it."""
+        self._unlocked: set[ConversationKey] = set()
+        """Conversations being answered without their lock (lock() failed): their turn is not stored."""
         # The pool's own warnings ("error connecting in 'pool-1'") would repeat at every retry while the server
         # is down; this store says it once, and again when the server is back.
         pool_log = logging.getLogger("psycopg.pool")
@@ -386,7 +405,12 @@ class PostgresMemory:
         with self._state:
             if not self._down:
                 return
-            if self._probing or time.monotonic() < self._retry_at:
+            if self._probing:  # another call is trying the server: its answer is this one's (one connection: bounded)
+                self._state.wait_for(lambda: not self._probing, timeout=self._connect_seconds + 1)
+                if not self._down:
+                    return
+                raise self._unreachable()
+            if time.monotonic() < self._retry_at:
                 raise self._unreachable()
             self._probing = True
         try:
@@ -396,16 +420,16 @@ class PostgresMemory:
                         self._migrate(conn)
         except (psycopg.Error, _Refused) as exc:
             with self._state:
-                self._probing = False
                 self._reason = str(exc) if isinstance(exc, _Refused) else self._reason_of(exc)
                 self._retry_at = time.monotonic() + RETRY_AFTER
             raise self._unreachable() from None
-        except BaseException:
+        else:
+            with self._state:
+                self._down = False
+        finally:
             with self._state:
                 self._probing = False
-            raise
-        with self._state:
-            self._down = self._probing = False
+                self._state.notify_all()
         log.warning("memory: PostgreSQL at %s is back; turns are stored again", self.where)
         for pool in (self._pool, self._lock_pool):
             pool.check()  # drop at once the pooled connections the outage killed
@@ -459,6 +483,7 @@ class PostgresMemory:
     def add(self, key: ConversationKey, *turns: Turn) -> None:
         if not turns:
             return
+        self._refuse_if_unlocked(key)
         conversation, now = key.encode(), time.time()
         platform, key_user = _text(key.platform), None if key.user is None else _text(key.user)
         rows = [(conversation, platform, key_user, turn.role, _text(turn.text), _text(turn.user),
@@ -529,6 +554,32 @@ class PostgresMemory:
     def lock(self, key: ConversationKey) -> ContextManager[None]:
         return _ConversationLock(self, key)
 
+    def _refuse_if_unlocked(self, key: ConversationKey) -> None:
+        """Refuse the turn of a conversation answered without its lock: order across processes comes first."""
+        with self._locks:
+            unlocked = key in self._unlocked
+            self._unlocked.discard(key)
+            held = self._held.get(key)
+        if unlocked:
+            raise UnlockedTurn(f"not stored: the conversation {key} could not be locked while it was answered, "
+                               "so another process may have answered it meanwhile")
+        if held is not None and _has_news(held):
+            raise UnlockedTurn(f"not stored: the lock on the conversation {key} was lost while it was answered "
+                               "(its connection broke), so another process may have answered it meanwhile")
+
+    def _locked(self, key: ConversationKey, conn: Any) -> None:
+        with self._locks:
+            if conn is None:
+                self._held.pop(key, None)
+                self._unlocked.add(key)
+            else:
+                self._held[key] = conn
+                self._unlocked.discard(key)
+
+    def _unlocking(self, key: ConversationKey) -> None:
+        with self._locks:
+            self._held.pop(key, None)
+
     def _take_lock(self, key: ConversationKey) -> Any:
         """A connection of the lock pool holding the conversation's session lock."""
         import psycopg
@@ -558,6 +609,11 @@ class PostgresMemory:
     def _release_lock(self, conn: Any, key: ConversationKey) -> None:
         import psycopg
 
+        if _has_news(conn):  # the connection is gone (a restart), and its lock with it: nothing to unlock
+            with contextlib.suppress(Exception):
+                conn.close()
+            self._lock_pool.putconn(conn)
+            return
         watch = None
         try:
             with self._watchdog.watching(conn, self.timeout + 1) as watch:
@@ -671,11 +727,17 @@ class _ConversationLock:
         self._conn: Any = None
 
     def __enter__(self) -> None:
-        self._conn = self._store._take_lock(self._key)
+        try:
+            self._conn = self._store._take_lock(self._key)
+        except BaseException:
+            self._store._locked(self._key, None)
+            raise
+        self._store._locked(self._key, self._conn)
 
     def __exit__(self, *exc_info: Any) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:
+            self._store._unlocking(self._key)
             self._store._release_lock(conn, self._key)
 
 

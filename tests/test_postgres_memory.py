@@ -25,7 +25,7 @@ from chatforge.conversation import ConversationKey
 from chatforge.memory import MemoryUnavailable, Turn
 from chatforge.memory_contract import ANN, BOB, GROUP, texts, turn
 from chatforge.postgres_memory import (MIGRATIONS, RETRY_AFTER, DatabaseUnreachable, LockTimeout, PostgresBackend,
-                                       PostgresMemory, mask_url)
+                                       PostgresMemory, UnlockedTurn, mask_url)
 from chatforge.testing import MemoryStoreContract
 
 from postgres import PostgresServer
@@ -168,9 +168,13 @@ def test_a_wait_for_the_lock_is_bounded_and_leaves_the_store_working(postgres_ur
                 with second.lock(ANN):
                     pass
             assert 0.8 < time.monotonic() - started < 5
-            second.add(ANN, turn("not down for all that"))  # a lock wait is no outage: no fail-fast window
+            with pytest.raises(UnlockedTurn):  # answered without the lock: not stored
+                second.add(ANN, turn("answered without the lock"))
+            second.add(BOB, turn("not down for all that"))  # a lock wait is no outage: no fail-fast window
         with second.lock(ANN):
-            assert texts(second.recent(ANN, 5)) == ["not down for all that"]
+            second.add(ANN, turn("under the lock"))
+        assert texts(second.recent(ANN, 5)) == ["under the lock"]
+        assert texts(second.recent(BOB, 5)) == ["not down for all that"]
     finally:
         first.close()
         second.close()
@@ -293,7 +297,7 @@ def test_a_database_down_at_start_is_one_warning_and_turns_are_stored_once_it_is
             f"memory.url: cannot reach PostgreSQL at 127.0.0.1:{own_postgres.port} (Connection refused); "
             "replies are sent, turns are lost until it returns"]
         for call in (lambda: store.add(ANN, turn("lost")), lambda: store.recent(ANN, 5), lambda: store.claim("p:1"),
-                     lambda: store.lock(ANN).__enter__()):
+                     lambda: store.lock(GROUP).__enter__()):
             started = time.monotonic()
             with pytest.raises(DatabaseUnreachable, match=f"PostgreSQL at 127.0.0.1:{own_postgres.port}"):
                 call()
@@ -326,7 +330,7 @@ def test_a_database_restarted_under_a_store_fails_fast_then_recovers(own_postgre
         assert time.monotonic() - started < 1 + 1.5  # within `timeout`
         # the next calls fail at once instead of each waiting for the timeout again
         for call in (lambda: store.recent(ANN, 5), lambda: store.count(ANN), lambda: store.claim("p:2"),
-                     lambda: store.forget(ANN), lambda: store.lock(ANN).__enter__()):
+                     lambda: store.forget(ANN), lambda: store.lock(GROUP).__enter__()):
             started = time.monotonic()
             with pytest.raises(DatabaseUnreachable):
                 call()
@@ -368,6 +372,55 @@ def test_a_server_that_stops_answering_costs_a_call_its_timeout_then_calls_fail_
         assert texts(store.recent(ANN, 5)) == ["before", "after"]
     finally:
         own_postgres.resume()
+        store.close()
+
+
+def wait_until_up(store: PostgresMemory, within: float) -> None:
+    started = time.monotonic()
+    while True:
+        try:
+            store.count(GROUP)
+            return
+        except DatabaseUnreachable:
+            if time.monotonic() - started > within:
+                raise
+            time.sleep(0.1)
+
+
+def test_a_turn_answered_without_its_lock_is_not_stored(own_postgres):
+    """Another process may have answered the conversation meanwhile: its order comes before one more turn."""
+    store = PostgresMemory(own_postgres.url, timeout=1)  # down at start
+    try:
+        with pytest.raises(DatabaseUnreachable):
+            store.lock(ANN).__enter__()  # the engine then answers without the lock...
+        own_postgres.start()
+        wait_until_up(store, within=RETRY_AFTER + 10)
+        with pytest.raises(UnlockedTurn, match="could not be locked while it was answered"):
+            store.add(ANN, turn("answered without the lock"))  # ...and its turn is not stored
+        with store.lock(ANN):
+            store.add(ANN, turn("under the lock"))
+        store.add(BOB, turn("a store used without locks"))
+        assert texts(store.recent(ANN, 5)) == ["under the lock"] and store.count(BOB) == 1
+    finally:
+        store.close()
+
+
+def test_a_turn_whose_lock_went_with_a_restart_is_not_stored(own_postgres):
+    own_postgres.start()
+    store = PostgresMemory(own_postgres.url, timeout=1)
+    try:
+        held = store.lock(ANN)
+        held.__enter__()
+        own_postgres.restart()  # the session lock is gone: another process may take the conversation
+        wait_until_up(store, within=RETRY_AFTER + 10)
+        with pytest.raises(UnlockedTurn, match="was lost while it was answered"):
+            store.add(ANN, turn("answered under a lost lock"))
+        held.__exit__(None, None, None)  # nothing to unlock, and no outage either
+        store.add(BOB, turn("on at once"))
+        with store.lock(ANN):
+            store.add(ANN, turn("under a new lock"))
+        assert texts(store.recent(ANN, 5)) == ["under a new lock"]
+    finally:
         store.close()
 
 
