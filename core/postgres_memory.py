@@ -194,8 +194,8 @@ def _where(params: dict[str, Any]) -> str:
     return ", ".join(f"{host}:{port}" for host, port in zip(hosts, ports))
 
 
-_LOGIN_REFUSED = ("password authentication failed", "authentication failed", "no password supplied",
-                  "no pg_hba.conf entry", "role \"", "password is required", "SSL required")
+_LOGIN_REFUSED = re.compile(r'authentication failed|no password supplied|no pg_hba\.conf entry|password is required|'
+                            r'role ".*" does not exist|role ".*" is not permitted to log in|SSL required')
 _BAD_OPTION = re.compile(r"^(invalid .*(value|option)|unrecognized|invalid connection option)", re.IGNORECASE)
 
 
@@ -241,10 +241,14 @@ class PostgresMemory:
         pool_log = logging.getLogger("psycopg.pool")
         if pool_log.level == logging.NOTSET and not logging.getLogger().isEnabledFor(logging.DEBUG):
             pool_log.setLevel(logging.ERROR)
-        self._start()
-        self._pool = self._new_pool("chatforge-memory", "connections for reads and writes", self._configure)
-        self._lock_pool = self._new_pool("chatforge-memory-locks", "connections for conversation locks",
-                                         self._configure_for_locks)
+        try:
+            self._start()
+            self._pool = self._new_pool("chatforge-memory", "connections for reads and writes", self._configure)
+            self._lock_pool = self._new_pool("chatforge-memory-locks", "connections for conversation locks",
+                                             self._configure_for_locks)
+        except BaseException:
+            self._watchdog.stop()
+            raise
 
     # ------------------------------------------------------------ starting
 
@@ -295,7 +299,7 @@ class PostgresMemory:
 
     def _refusal(self, reason: str) -> str | None:
         """What makes a failed first connection permanent (the bot must not start), or None (the server is down)."""
-        if any(sign in reason for sign in _LOGIN_REFUSED):
+        if _LOGIN_REFUSED.search(reason):  # not "too many connections for role": that one passes
             return f"PostgreSQL at {self.where} refused the login ({reason})"
         if re.search(r'database ".*" does not exist', reason):
             return f"PostgreSQL at {self.where}: {reason} (create it, or correct the URL)"
@@ -674,7 +678,7 @@ class _Watchdog:
             with self._lock:
                 for watch in [watch for watch in self._watches if watch.deadline <= now and not watch.cut]:
                     watch.cut = True
-                    with contextlib.suppress(OSError, ValueError):
+                    with contextlib.suppress(Exception):  # closed meanwhile: nothing to cut
                         duplicate = socket.socket(fileno=os.dup(watch.conn.fileno()))
                         try:
                             duplicate.shutdown(socket.SHUT_RDWR)
