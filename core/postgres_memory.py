@@ -15,13 +15,22 @@ pool: the engine holds it for a whole answer, and lock holders must never take
 the connections that reads and writes need. A session lock dies with its
 connection, so a process that dies frees its conversations.
 
+The conversation's order comes before one more turn: a turn answered without
+its lock (lock() failed, or the connection holding it broke) is not stored
+(`UnlockedTurn`), since another process may have stored a later one meanwhile.
+
 A server that cannot be reached never stops the bot: the store starts anyway
-(one warning), each call fails within `timeout` and, once one has failed,
-calls during the next `RETRY_AFTER` seconds fail at once; the engine then
-answers without history and says which turn it lost. When the server is back
-(one warning), the pool reconnects and migrations that were pending run. A URL
-that can never work (not a postgresql:// URL, a refused login, no such
-database) is `MemoryUnavailable` at start. No message shows the password.
+(one warning), each call fails within `timeout` (a server that refuses, at
+once: a call that the pool cannot serve within a second asks the server
+itself), and once one has failed, calls during the next `RETRY_AFTER` seconds
+fail at once; the engine then answers without history and says which turn it
+lost. A server that accepts and never answers has the call's connection cut
+after `timeout` (`_Watchdog`). When the server is back (one warning), the pool
+reconnects and migrations that were pending run; a restart between two calls
+costs nothing (dead pooled connections are noticed without a round trip). A
+URL that can never work (not a postgresql:// URL, a refused login, no such
+database, a schema from a newer chatforge) is `MemoryUnavailable` at start. No
+message shows the password.
 
 psycopg (3) is imported only when this backend is used.
 """
@@ -123,17 +132,6 @@ def _has_news(conn: Any) -> bool:
     return bool(poller.poll(0))
 
 
-def _check_idle(conn: Any) -> None:
-    """The pool's check of a connection it is about to hand out: asked (an empty query) only if it has news,
-    and dropped if that fails."""
-    from psycopg_pool import ConnectionPool
-
-    if conn.closed or conn.broken:
-        raise ConnectionError("the connection is closed")
-    if _has_news(conn):
-        ConnectionPool.check_connection(conn)
-
-
 class DatabaseUnreachable(ConnectionError):
     """PostgreSQL cannot be reached: this call failed, or one did less than RETRY_AFTER seconds ago."""
 
@@ -223,6 +221,8 @@ class PostgresMemory:
                     "tcp_user_timeout": int(max(timeout, 2.0) * 1000)}
         self._connect_options = {key: value for key, value in defaults.items() if key not in params}
         self._connect_seconds = int(params.get("connect_timeout") or self._connect_options["connect_timeout"])
+        self._first_wait = min(1.0, max(0.2, timeout / 5))
+        """How long a call waits for the pool before asking the server itself whether it is there."""
         self._state = threading.Condition()
         self._down = False
         self._probing = False
@@ -345,12 +345,13 @@ class PostgresMemory:
     def _new_pool(self, name: str, purpose: str, configure: Callable[[Any], None]) -> "_Pool":
         from psycopg_pool import ConnectionPool
 
-        pool = ConnectionPool(
+        wrapper = _Pool(purpose)
+        wrapper.pool = ConnectionPool(
             self._url, kwargs={"autocommit": True, **self._connect_options}, min_size=0, max_size=self.pool_size,
-            open=False, timeout=self.timeout, configure=configure, check=_check_idle,
+            open=False, timeout=self.timeout, configure=configure, check=wrapper.check_idle,
             name=name, reconnect_timeout=max(self.timeout, 2.0))
-        pool.open(wait=False)  # connects on demand: a server that is down does not hold up the start
-        return _Pool(pool, purpose)
+        wrapper.pool.open(wait=False)  # connects on demand: a server that is down does not hold up the start
+        return wrapper
 
     @staticmethod
     def _settings(conn: Any, statement: float, lock: float | None = None, **more: str) -> None:
@@ -402,20 +403,27 @@ class PostgresMemory:
         return self._unreachable()
 
     def _ensure_up(self) -> None:
-        """Return at once while the server is up; while it is down, fail at once or (one caller at a time, once
-        RETRY_AFTER has passed) try a connection of its own, migrating if that is still to be done."""
-        import psycopg
-
+        """Return at once while the server is up. While it is down: fail at once during RETRY_AFTER after a
+        failure; after that, try the server (one caller at a time; the others wait for its outcome)."""
         with self._state:
             if not self._down:
                 return
-            if self._probing:  # another call is trying the server: its answer is this one's (one connection: bounded)
+            if not self._probing and time.monotonic() < self._retry_at:
+                raise self._unreachable()
+        self._probe()
+
+    def _probe(self) -> None:
+        """Try the server with a connection of its own, migrating if that is still to be done; raise
+        DatabaseUnreachable (and note the outage) if it cannot be reached. One caller at a time: the others
+        wait for its outcome (one connection attempt: bounded)."""
+        import psycopg
+
+        with self._state:
+            if self._probing:
                 self._state.wait_for(lambda: not self._probing, timeout=self._connect_seconds + 1)
-                if not self._down:
-                    return
-                raise self._unreachable()
-            if time.monotonic() < self._retry_at:
-                raise self._unreachable()
+                if self._down:
+                    raise self._unreachable()
+                return
             self._probing = True
         try:
             with self._connect() as conn:
@@ -423,37 +431,45 @@ class PostgresMemory:
                     with self._watchdog.watching(conn, self.lock_timeout + 1):
                         self._migrate(conn)
         except (psycopg.Error, _Refused) as exc:
-            with self._state:
-                self._reason = str(exc) if isinstance(exc, _Refused) else self._reason_of(exc)
-                self._retry_at = time.monotonic() + RETRY_AFTER
-            raise self._unreachable() from None
+            raise self._went_down(str(exc) if isinstance(exc, _Refused) else self._reason_of(exc)) from None
         else:
             with self._state:
-                self._down = False
+                was_down, self._down = self._down, False
         finally:
             with self._state:
                 self._probing = False
                 self._state.notify_all()
-        log.warning("memory: PostgreSQL at %s is back; turns are stored again", self.where)
-        for pool in (self._pool, self._lock_pool):
-            pool.check()  # drop at once the pooled connections the outage killed
+        if was_down:
+            log.warning("memory: PostgreSQL at %s is back; turns are stored again", self.where)
+            for pool in (self._pool, self._lock_pool):
+                pool.check()  # drop at once the pooled connections the outage killed
 
     def _getconn(self, pool: "_Pool", patience: float) -> Any:
         """A connection of `pool`. No connection within `timeout` while some are free to be made is an outage;
         while all are in use (held by other calls, or by lock holders) it is a wait, of `patience` at most."""
         from psycopg_pool import PoolTimeout
 
-        deadline = time.monotonic() + patience
+        started, probed = time.monotonic(), False
         while True:
             self._ensure_up()
+            elapsed = time.monotonic() - started
+            if pool.exhausted:
+                wait = min(self.timeout, patience - elapsed)
+            else:  # the pool keeps retrying a server that refuses: after a moment, ask the server itself
+                wait = self.timeout - elapsed if probed else min(self._first_wait, self.timeout - elapsed)
             try:
-                return pool.getconn(min(self.timeout, max(0.05, deadline - time.monotonic())))
+                return pool.getconn(max(0.05, wait))
             except PoolTimeout:
-                if not pool.exhausted:
+                if pool.exhausted:
+                    if time.monotonic() - started >= patience:
+                        raise TimeoutError(f"no free connection to PostgreSQL at {self.where} within {patience:g} "
+                                           f"s: all {self.pool_size} {pool.purpose} are in use (memory.pool_size)"
+                                           ) from None
+                elif not probed:
+                    probed = True
+                    self._probe()  # unreachable: raises at once, with the server's reason ("Connection refused")
+                else:
                     raise self._went_down(f"no connection within {self.timeout:g} s") from None
-                if time.monotonic() >= deadline:
-                    raise TimeoutError(f"no free connection to PostgreSQL at {self.where} within {patience:g} s: all "
-                                       f"{self.pool_size} {pool.purpose} are in use (memory.pool_size)") from None
 
     def _failed(self, conn: Any, exc: BaseException, watch: "_Watch | None" = None) -> BaseException:
         """The exception to raise for `exc` on `conn`: an outage if the connection broke, else `exc` itself."""
@@ -695,10 +711,30 @@ class _Pool:
     """A psycopg pool, and how many of its connections this store has out: all of them out is a wait, not an
     outage (the pool's own count also holds connections it is still trying to make)."""
 
-    def __init__(self, pool: Any, purpose: str) -> None:
-        self.pool, self.purpose = pool, purpose
+    def __init__(self, purpose: str) -> None:
+        self.pool: Any = None
+        self.purpose = purpose
         self._out = 0
         self._lock = threading.Lock()
+        self._sweeping = threading.Lock()
+
+    def check_idle(self, conn: Any) -> None:
+        """The pool's check of a connection it is about to hand out, without a round trip unless it has news.
+        A dead one means the server restarted: the other idle ones are dead too, and are dropped at once
+        (else the pool would pause a second before each next one)."""
+        from psycopg_pool import ConnectionPool
+
+        if not _has_news(conn):
+            return
+        try:
+            ConnectionPool.check_connection(conn)
+        except Exception:
+            if self._sweeping.acquire(blocking=False):
+                try:
+                    self.pool.check()
+                finally:
+                    self._sweeping.release()
+            raise
 
     @property
     def exhausted(self) -> bool:
