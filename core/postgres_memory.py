@@ -22,9 +22,9 @@ its lock (lock() failed, or the connection holding it broke) is not stored
 A server that cannot be reached never stops the bot: the store starts anyway
 (one warning), each call fails within `timeout` (a server that refuses, at
 once: a call that the pool cannot serve within a second asks the server
-itself), and once one has failed, calls during the next `RETRY_AFTER` seconds
-fail at once; the engine then answers without history and says which turn it
-lost. A server that accepts and never answers has the call's connection cut
+itself), and once one has failed, every call fails at once while a background
+thread tries the server every `RETRY_AFTER` seconds; the engine then answers
+without history and says which turn it lost. A server that accepts and never answers has the call's connection cut
 after `timeout` (`_Watchdog`). When the server is back (one warning), the pool
 reconnects and migrations that were pending run; a restart between two calls
 costs nothing (dead pooled connections are noticed without a round trip). A
@@ -64,8 +64,8 @@ log = logging.getLogger("chatforge.memory")
 
 T = TypeVar("T")
 
-RETRY_AFTER = 2.0
-"""Seconds after a failed call during which calls fail at once instead of waiting for the server again."""
+RETRY_AFTER = 0.5
+"""While the server is down, it is tried this often (in the background, never by a call: calls fail at once)."""
 LOCK_TIMEOUT = 120.0
 """Seconds `lock()` waits for a conversation another process is answering before giving up."""
 SCHEMES = ("postgresql", "postgres")
@@ -133,7 +133,7 @@ def _has_news(conn: Any) -> bool:
 
 
 class DatabaseUnreachable(ConnectionError):
-    """PostgreSQL cannot be reached: this call failed, or one did less than RETRY_AFTER seconds ago."""
+    """PostgreSQL cannot be reached: this call failed, or an earlier one did and the server is not back yet."""
 
 
 class LockTimeout(TimeoutError):
@@ -225,8 +225,8 @@ class PostgresMemory:
         """How long a call waits for the pool before asking the server itself whether it is there."""
         self._state = threading.Condition()
         self._down = False
-        self._probing = False
-        self._retry_at = 0.0
+        self._prober: threading.Thread | None = None
+        self._closed = threading.Event()
         self._reason = ""
         self._migrated = False
         self._claims_pruned_at = 0.0
@@ -249,6 +249,8 @@ class PostgresMemory:
         except BaseException:
             self._watchdog.stop()
             raise
+        if self._down:
+            self._watch_for_the_server()
 
     # ------------------------------------------------------------ starting
 
@@ -276,7 +278,7 @@ class PostgresMemory:
             if refusal:
                 raise MemoryUnavailable("url", refusal) from None
             with self._state:
-                self._down, self._reason, self._retry_at = True, reason, time.monotonic() + RETRY_AFTER
+                self._down, self._reason = True, reason
             log.warning("memory.url: cannot reach PostgreSQL at %s (%s); replies are sent, turns are lost until "
                         "it returns", self.where, reason)
             return
@@ -290,7 +292,6 @@ class PostgresMemory:
                 if conn.broken:
                     with self._state:
                         self._down, self._reason = True, self._reason_of(exc)
-                        self._retry_at = time.monotonic() + RETRY_AFTER
                     log.warning("memory.url: lost PostgreSQL at %s while setting up (%s); replies are sent, turns "
                                 "are lost until it returns", self.where, self._reason)
                     return
@@ -307,11 +308,12 @@ class PostgresMemory:
             return f"is not a usable PostgreSQL URL ({reason})"
         return None
 
-    def _connect(self) -> "psycopg.Connection":
-        """A connection of its own (start, and the first try after an outage), its waits bounded."""
+    def _connect(self, seconds: int | None = None) -> "psycopg.Connection":
+        """A connection of its own (start, and trying the server), its waits bounded (`seconds` to connect)."""
         import psycopg
 
-        conn = psycopg.connect(self._url, autocommit=True, **self._connect_options)
+        options = {**self._connect_options, **({"connect_timeout": seconds} if seconds else {})}
+        conn = psycopg.connect(self._url, autocommit=True, **options)
         try:
             self._settings(conn, statement=self.lock_timeout, lock=self.lock_timeout)
         except BaseException:
@@ -396,53 +398,66 @@ class PostgresMemory:
     def _went_down(self, reason: str) -> DatabaseUnreachable:
         with self._state:
             first = not self._down
-            self._down, self._reason, self._retry_at = True, reason, time.monotonic() + RETRY_AFTER
+            self._down, self._reason = True, reason
         if first:
             log.warning("memory: lost PostgreSQL at %s (%s); replies are sent, turns are lost until it returns",
                         self.where, reason)
+            self._watch_for_the_server()
         return self._unreachable()
 
     def _ensure_up(self) -> None:
-        """Return at once while the server is up. While it is down: fail at once during RETRY_AFTER after a
-        failure; after that, try the server (one caller at a time; the others wait for its outcome)."""
+        """Fail at once while the server is down (the background try says when it is back)."""
         with self._state:
-            if not self._down:
-                return
-            if not self._probing and time.monotonic() < self._retry_at:
+            if self._down:
                 raise self._unreachable()
-        self._probe()
 
-    def _probe(self) -> None:
-        """Try the server with a connection of its own, migrating if that is still to be done; raise
-        DatabaseUnreachable (and note the outage) if it cannot be reached. One caller at a time: the others
-        wait for its outcome (one connection attempt: bounded)."""
+    def _reach(self, seconds: int) -> None:
+        """Raise DatabaseUnreachable (noting the outage) unless the server takes a connection of its own."""
         import psycopg
 
-        with self._state:
-            if self._probing:
-                self._state.wait_for(lambda: not self._probing, timeout=self._connect_seconds + 1)
-                if self._down:
-                    raise self._unreachable()
-                return
-            self._probing = True
         try:
-            with self._connect() as conn:
-                if not self._migrated:
-                    with self._watchdog.watching(conn, self.lock_timeout + 1):
-                        self._migrate(conn)
-        except (psycopg.Error, _Refused) as exc:
-            raise self._went_down(str(exc) if isinstance(exc, _Refused) else self._reason_of(exc)) from None
-        else:
-            with self._state:
-                was_down, self._down = self._down, False
-        finally:
-            with self._state:
-                self._probing = False
-                self._state.notify_all()
-        if was_down:
-            log.warning("memory: PostgreSQL at %s is back; turns are stored again", self.where)
+            self._connect(seconds).close()
+        except psycopg.Error as exc:
+            raise self._went_down(self._reason_of(exc)) from None
+
+    def _watch_for_the_server(self) -> None:
+        with self._state:
+            if self._closed.is_set() or (self._prober is not None and self._prober.is_alive()):
+                return
+            self._prober = threading.Thread(target=self._until_back, name="chatforge-postgres-retry", daemon=True)
+            self._prober.start()
+
+    def _until_back(self) -> None:
+        """While the server is down: try it every RETRY_AFTER seconds with a connection of its own, migrate if
+        that is still to be done, and once it answers put the store back in service."""
+        import psycopg
+
+        told: set[str] = set()
+        while not self._closed.wait(RETRY_AFTER):
+            try:
+                with self._connect() as conn:
+                    if not self._migrated:
+                        with self._watchdog.watching(conn, self.lock_timeout + 1):
+                            self._migrate(conn)
+            except _Refused as exc:  # reachable, and unusable: say so once
+                with self._state:
+                    self._reason = str(exc)
+                if str(exc) not in told:
+                    told.add(str(exc))
+                    log.error("memory.url: %s; turns are lost until then", exc)
+                continue
+            except Exception as exc:  # noqa: BLE001 - still down (psycopg.Error), or anything else: try again
+                with self._state:
+                    self._reason = self._reason_of(exc) if isinstance(exc, psycopg.Error) else \
+                        f"{type(exc).__name__}: {self._hide(str(exc))}"
+                continue
             for pool in (self._pool, self._lock_pool):
-                pool.check()  # drop at once the pooled connections the outage killed
+                with contextlib.suppress(Exception):
+                    pool.check()  # drop at once the pooled connections the outage killed
+            with self._state:
+                self._down = False
+            log.warning("memory: PostgreSQL at %s is back; turns are stored again", self.where)
+            return
 
     def _getconn(self, pool: "_Pool", patience: float) -> Any:
         """A connection of `pool`. No connection within `timeout` while some are free to be made is an outage;
@@ -466,8 +481,8 @@ class PostgresMemory:
                                            f"s: all {self.pool_size} {pool.purpose} are in use (memory.pool_size)"
                                            ) from None
                 elif not probed:
-                    probed = True
-                    self._probe()  # unreachable: raises at once, with the server's reason ("Connection refused")
+                    probed = True  # unreachable: raises at once, with the server's reason ("Connection refused")
+                    self._reach(max(2, math.ceil(self.timeout - self._first_wait)))
                 else:
                     raise self._went_down(f"no connection within {self.timeout:g} s") from None
 
@@ -647,7 +662,11 @@ class PostgresMemory:
             self._lock_pool.putconn(conn)
 
     def close(self) -> None:
+        self._closed.set()
         try:
+            prober = self._prober
+            if prober is not None:
+                prober.join(self._connect_seconds + 2)
             for pool in (self._lock_pool, self._pool):
                 pool.close()
         finally:
