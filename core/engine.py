@@ -23,7 +23,7 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable, ContextManager
 
 from . import pii
 from .commands import CommandContext, CommandRegistry, parse_command
@@ -211,25 +211,59 @@ class Engine:
         If the store cannot give it (a database down), the message is answered anyway: the in-process
         queue still orders it, and the failure is logged once a minute.
         """
-        try:
-            held = self.memory.lock(key)
-            if isinstance(held, contextlib.nullcontext):  # a store for one process: nothing to wait for
-                yield
-                return
-            await self._off_loop(held.__enter__, threads=self._lock_threads)
-        except Exception as exc:  # noqa: BLE001
-            if self._lock_failures.due("lock"):
-                log.warning("memory: could not lock the conversation %s (%s: %s); answering without the lock",
-                            key, type(exc).__name__, exc)
-            yield
-            return
+        held = await self._take_lock(key)
         try:
             yield
         finally:
-            try:
-                await self._off_loop(held.__exit__, None, None, None, threads=self._lock_threads)
-            except Exception as exc:  # noqa: BLE001 - the database went away: its session lock went with it
-                log.warning("memory: could not unlock the conversation %s: %s: %s", key, type(exc).__name__, exc)
+            if held is not None:
+                await self._release_lock(key, held)
+
+    async def _take_lock(self, key: ConversationKey) -> ContextManager[Any] | None:
+        """The entered lock, or None when there is none to release (a no-op lock, or the store failed)."""
+        try:
+            held = self.memory.lock(key)
+            if isinstance(held, contextlib.nullcontext):  # a store for one process: nothing to wait for
+                return None
+            entering = asyncio.get_running_loop().run_in_executor(self._lock_threads, held.__enter__)
+        except Exception as exc:  # noqa: BLE001
+            self._lock_failed(key, exc)
+            return None
+        try:
+            await asyncio.shield(entering)
+        except asyncio.CancelledError:
+            # The thread goes on waiting and may still take the lock: release it then, or other
+            # processes would wait for this conversation until this one exits.
+            entering.add_done_callback(lambda done: self._release_when_taken(done, key, held))
+            raise
+        except Exception as exc:  # noqa: BLE001
+            self._lock_failed(key, exc)
+            return None
+        return held
+
+    async def _release_lock(self, key: ConversationKey, held: ContextManager[Any]) -> None:
+        try:
+            await self._off_loop(held.__exit__, None, None, None, threads=self._lock_threads)
+        except Exception as exc:  # noqa: BLE001 - the database went away: its session lock went with it
+            log.warning("memory: could not unlock the conversation %s: %s: %s", key, type(exc).__name__, exc)
+
+    def _release_when_taken(self, entering: asyncio.Future, key: ConversationKey, held: ContextManager[Any]) -> None:
+        if entering.cancelled() or entering.exception() is not None:
+            return
+        try:
+            self._lock_threads.submit(self._quietly_release, key, held)
+        except RuntimeError:
+            pass  # shutting down: the store closes its connections, and their session locks go with them
+
+    def _quietly_release(self, key: ConversationKey, held: ContextManager[Any]) -> None:
+        try:
+            held.__exit__(None, None, None)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("memory: could not unlock the conversation %s: %s: %s", key, type(exc).__name__, exc)
+
+    def _lock_failed(self, key: ConversationKey, exc: Exception) -> None:
+        if self._lock_failures.due("lock"):
+            log.warning("memory: could not lock the conversation %s (%s: %s); answering without the lock",
+                        key, type(exc).__name__, exc)
 
     async def generate(self, instruction: str, max_new_tokens: int | None = None) -> str:
         """Ask the language model a one-off question, outside any conversation."""
@@ -451,6 +485,7 @@ class Engine:
             if inspect.isawaitable(closing):  # a server backend closes its connections
                 await closing
         finally:
-            self._lock_threads.shutdown(wait=True)
+            # A lock wait still queued is dropped; one in progress ends when the store closes its connections.
+            self._lock_threads.shutdown(wait=False, cancel_futures=True)
             self._memory_threads.shutdown(wait=True)
             self.memory.close()

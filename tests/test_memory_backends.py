@@ -292,3 +292,60 @@ def test_a_misspelt_engine_key_beside_another_store_is_named_with_its_right_spel
     assert result.returncode == 2, result.stderr
     assert f'{config}:6: memory.scpoe: unknown key (did you mean "scope"?)' in result.stderr, result.stderr
     assert result.stderr.count("memory.scpoe") == 1
+
+
+def test_an_error_inside_the_conversation_lock_reaches_the_caller_unchanged():
+    """Strict mode stops the bot with the plugin's error raised through the lock; it must come out as it went in."""
+    from chatforge import hookimpl
+    from chatforge.plugin_manager import PluginError
+
+    class Broken:
+        @hookimpl
+        def chatforge_handle_text(self, message):
+            raise ValueError("broken on purpose")
+
+    class Locking(InMemoryMemory):
+        def lock(self, key):
+            return threading.Lock()  # a real lock, taken and released off the loop
+
+    for store in (InMemoryMemory(), Locking()):  # a no-op lock, and one the store gives
+        bot = make_bot(memory=store, plugins={"broken": Broken()}, strict=True)
+        try:
+            bot.ask("hello")
+        except PluginError as error:
+            assert "broken on purpose" in str(error)
+        else:
+            raise AssertionError("strict mode did not raise")
+        finally:
+            bot.close()
+
+
+def test_a_lock_still_being_taken_when_its_message_is_cancelled_is_released_once_taken():
+    taken, released = threading.Event(), threading.Event()
+
+    class SlowLock(InMemoryMemory):
+        def lock(self, key):
+            class Held:
+                def __enter__(self):
+                    time.sleep(0.5)  # another process holds it for a while
+                    taken.set()
+
+                def __exit__(self, *exc):
+                    released.set()
+            return Held()
+
+    bot = make_bot(memory=SlowLock())
+
+    async def scenario():
+        task = asyncio.create_task(bot.ask_async("hello"))
+        await asyncio.sleep(0.1)
+        task.cancel()  # shutdown, or a platform that gave up on the update
+        await asyncio.gather(task, return_exceptions=True)
+        for _ in range(50):  # bounded: 5 s
+            if released.is_set():
+                break
+            await asyncio.sleep(0.1)
+
+    bot._run(scenario())
+    bot.close()
+    assert taken.is_set() and released.is_set(), "a lock taken after its message was cancelled was never released"
