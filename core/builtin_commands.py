@@ -6,10 +6,33 @@ as any third-party command.
 
 from __future__ import annotations
 
+import functools
+import logging
 import time
+from typing import Callable
 
 from .commands import CommandContext
 from .hookspecs import hookimpl
+from .skill import SkillError
+
+log = logging.getLogger("chatforge.memory")
+
+UNREACHABLE = "I can't reach my memory right now, so I can't do that; please try again in a minute."
+
+
+def _uses_memory(command: Callable[[CommandContext], str]) -> Callable[[CommandContext], str]:
+    """A store that fails (a database down) is the memory's fault, not the command's: say so to the user."""
+    @functools.wraps(command)
+    def guarded(ctx: CommandContext) -> str:
+        try:
+            return command(ctx)
+        except SkillError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            log.warning("memory: %s%s failed: %s: %s", ctx.bot.command_prefix, command.__name__.removesuffix(
+                "_command"), type(exc).__name__, exc)
+            raise SkillError(UNREACHABLE) from exc
+    return guarded
 
 
 def _plural(count: int, word: str) -> str:
@@ -34,6 +57,7 @@ def _speaker(ctx: CommandContext, turn) -> str:
     return turn.display_name or turn.user
 
 
+@_uses_memory
 def history_command(ctx: CommandContext) -> str:
     if ctx.args.strip().lower() == "all":
         return _everything(ctx)
@@ -70,6 +94,7 @@ def _everything(ctx: CommandContext) -> str:
     return "\n".join(lines)
 
 
+@_uses_memory
 def reset_command(ctx: CommandContext) -> str:
     """Forget the conversation; in a group's shared one, a member forgets only their own part of it."""
     bot, message = ctx.bot, ctx.message
@@ -87,6 +112,7 @@ def reset_command(ctx: CommandContext) -> str:
     return f"Done: I forgot this conversation ({_plural(forgotten, 'turn')})."
 
 
+@_uses_memory
 def forget_command(ctx: CommandContext) -> str:
     forgotten = ctx.bot.forget_user(ctx.message)
     if not forgotten:

@@ -349,3 +349,21 @@ def test_a_lock_still_being_taken_when_its_message_is_cancelled_is_released_once
     bot._run(scenario())
     bot.close()
     assert taken.is_set() and released.is_set(), "a lock taken after its message was cancelled was never released"
+
+
+def test_memory_commands_say_the_memory_is_unreachable_rather_than_that_a_plugin_failed(caplog):
+    class Down(InMemoryMemory):
+        def _down(self, *args, **kwargs):
+            raise ConnectionError("connection refused")
+
+        recent = count = forget = about_user = forget_user = _down
+
+    bot = make_bot(memory=Down(), strict=False)
+    with caplog.at_level(logging.WARNING):
+        answers = {command: bot.ask(command) for command in ("/history", "/history all", "/reset", "/forget")}
+    bot.close()
+    for command, answer in answers.items():
+        assert answer == "I can't reach my memory right now, so I can't do that; please try again in a minute.", \
+            (command, answer)
+    assert any("ConnectionError: connection refused" in r.getMessage() for r in caplog.records)
+    assert not any("failed" in answer for answer in answers.values())
