@@ -68,6 +68,19 @@ _OWNER = "(CASE role WHEN 'assistant' THEN reply_to ELSE user_id END)"
 _COLUMNS = "role, text, created_at, user_id, display_name, meta, reply_to"
 
 
+def _statements(script: str) -> list[str]:
+    """A migration's statements, one by one (executescript would commit the transaction they belong in)."""
+    statements, current = [], ""
+    for line in script.splitlines(keepends=True):
+        current += line
+        if sqlite3.complete_statement(current):
+            statements.append(current.strip())
+            current = ""
+    if current.strip():
+        statements.append(current.strip())
+    return statements
+
+
 def _turn(row: tuple) -> Turn:
     return Turn(*row[:5], meta=json.loads(row[5]), reply_to=row[6])
 
@@ -143,15 +156,28 @@ class SQLiteMemory:
         # isolation_level=None: autocommit, so each add() is durable on return.
         self._db = sqlite3.connect(":memory:" if in_memory else str(self.path),
                                    isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA busy_timeout=5000")  # first: another process may be setting the file up
+        self._use_wal()
         self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("PRAGMA busy_timeout=5000")
         damage = self._quick_check()
         if damage:
             log.warning('memory.path: %s is damaged (%s); serving what can still be read. To keep it, stop chatforge, '
                         'run `sqlite3 %s ".recover" | sqlite3 recovered.sqlite3` and point memory.path at the new '
                         'file; or move the damaged one aside to start afresh', self.path, damage, self.path)
         self._migrate()
+
+    def _use_wal(self) -> None:
+        """Switch the file to WAL (it stays so). SQLite answers "locked" at once, without waiting, while
+        another process opens the same new file: try again for up to 5 s."""
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
 
     def _quick_check(self) -> str:
         """What `PRAGMA quick_check` finds wrong, "" if nothing. SQLite may raise after its first finding."""
@@ -170,15 +196,24 @@ class SQLiteMemory:
         return self._db.execute("PRAGMA user_version").fetchone()[0]
 
     def _migrate(self) -> None:
+        """Apply the migrations this file lacks, in one write transaction: processes opening the file at once
+        take turns (busy_timeout), and each reads the version only once it holds the file."""
         with self._lock:
-            current = self.schema_version
-            if current > len(MIGRATIONS):
-                raise MemoryFileError(self.path, f"was written by a newer chatforge (schema {current} > "
-                                      f"{len(MIGRATIONS)})", "upgrade chatforge, or point memory.path at another file")
-            for version, script in enumerate(MIGRATIONS[current:], start=current + 1):
-                self._db.executescript(
-                    f"BEGIN; {script}; PRAGMA user_version = {version}; COMMIT;"
-                )
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                current = self.schema_version
+                if current > len(MIGRATIONS):
+                    raise MemoryFileError(self.path, f"was written by a newer chatforge (schema {current} > "
+                                          f"{len(MIGRATIONS)})", "upgrade chatforge, or point memory.path at another file")
+                for version, script in enumerate(MIGRATIONS[current:], start=current + 1):
+                    for statement in _statements(script):
+                        self._db.execute(statement)
+                    self._db.execute(f"PRAGMA user_version = {version}")
+                self._db.execute("COMMIT")
+            except BaseException:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
 
     def add(self, key: ConversationKey, *turns: Turn) -> None:
         rows = [(key.encode(), turn.role, turn.text, turn.user, turn.display_name, turn.created_at or time.time(),

@@ -346,3 +346,32 @@ def test_an_old_database_learns_whom_each_bot_line_answered(tmp_path):
         assert [t.text for t in memory.recent(shared, 10)] == ["from bob", "to bob", "added alone by a plugin"]
     finally:
         memory.close()
+
+
+def test_several_processes_opening_a_new_file_at_once_all_start(tmp_path):
+    """Workers started together on one fresh file: one creates the schema, the others wait for it."""
+    for attempt in range(4):
+        path = tmp_path / f"fresh-{attempt}.sqlite3"
+        barrier = threading.Barrier(6)
+        opened, errors = [], []
+
+        def open_it() -> None:
+            try:
+                barrier.wait(timeout=30)
+                opened.append(SQLiteMemory(path))  # a connection of its own, as another process has
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=open_it) for _ in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        try:
+            assert not errors, errors
+            assert len(opened) == 6 and {memory.schema_version for memory in opened} == {len(MIGRATIONS)}
+            opened[0].add(K, turn("one schema for all"))
+            assert [t.text for t in opened[-1].recent(K, 5)] == ["one schema for all"]
+        finally:
+            for memory in opened:
+                memory.close()
