@@ -26,6 +26,7 @@ from typing import Sequence
 
 import pytest
 
+from chatforge.conversation import ConversationKey
 from chatforge.memory import InMemoryMemory, Turn, conversation_key
 from chatforge.sqlite_memory import SQLiteMemory
 from chatforge.memory import window_start
@@ -113,12 +114,12 @@ def make_memory(kind: str, tmp_path: Path):
     return InMemoryMemory() if kind == "memory" else SQLiteMemory(tmp_path / "load.sqlite3")
 
 
-def stored_keys(memory) -> set[str]:
+def stored_keys(memory) -> set[ConversationKey]:
     """Every conversation key the store holds (to prove nothing went to a conversation of its own)."""
     if isinstance(memory, InMemoryMemory):
         return set(memory._turns)
     with memory._lock:
-        return {row[0] for row in memory._db.execute("SELECT DISTINCT conversation FROM turns")}
+        return {ConversationKey.decode(row[0]) for row in memory._db.execute("SELECT DISTINCT conversation FROM turns")}
 
 
 def stored_count(memory) -> int:
