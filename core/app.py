@@ -39,7 +39,7 @@ def create_memory(settings: Settings, host: PluginHost | None = None) -> MemoryS
     Without a host (a program or test building a memory alone), the sqlite backend with its defaults.
     """
     if host is None or host.memory_backend is None:
-        backend, config = SQLiteBackend, SQLiteBackend.Config()
+        backend, config = SQLiteBackend, SQLiteBackend.Config(path=settings.memory.path)
     else:
         backend, config = host.memory_backend, host.memory_config
     try:

@@ -404,6 +404,9 @@ class PluginHost:
         engine_keys = set(type(self.settings.memory).model_fields) - {"path"}
         theirs = set(backend.Config.model_fields)
         options = {key: value for key, value in written.items() if key not in engine_keys}
+        if "path" in options and "path" not in theirs:  # the sqlite file of a config switched to another store
+            log.info("memory.path is the sqlite store's; memory.backend %s does not use it", name)
+            del options["path"]
         issues = []
         for key in [key for key in options if key not in theirs]:  # a typo may be of an engine key too
             close = difflib.get_close_matches(key, sorted(theirs | engine_keys), n=1)

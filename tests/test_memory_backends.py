@@ -367,3 +367,22 @@ def test_memory_commands_say_the_memory_is_unreachable_rather_than_that_a_plugin
             (command, answer)
     assert any("ConnectionError: connection refused" in r.getMessage() for r in caplog.records)
     assert not any("failed" in answer for answer in answers.values())
+
+
+def test_a_sqlite_path_left_beside_another_store_is_ignored_not_refused(cli, tmp_path):
+    """Switching the shipped config to `backend: memory` leaves its `path:` line: that must keep working."""
+    config = tmp_path / "config.yaml"
+    config.write_text(GENERATOR.replace("echo", "transformers") + "memory:\n  backend: memory\n  path: data/m.sqlite3\n")
+    settings = load_settings_from_dict({"memory": {"backend": "memory", "path": "data/m.sqlite3"}})
+    host = PluginHost(settings)
+    assert host.load() == []
+    result = cli("config", "check", "-c", str(config))
+    assert result.returncode == 0, result.stderr
+
+
+def test_create_memory_without_a_host_uses_the_configured_path(tmp_path):
+    from chatforge.app import create_memory
+    settings = load_settings_from_dict({"memory": {"path": str(tmp_path / "given.sqlite3")}})
+    store = create_memory(settings)
+    store.close()
+    assert (tmp_path / "given.sqlite3").exists()
