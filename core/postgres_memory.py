@@ -454,8 +454,9 @@ class PostgresMemory:
             for pool in (self._pool, self._lock_pool):
                 with contextlib.suppress(Exception):
                     pool.check()  # drop at once the pooled connections the outage killed
-            with self._state:
+            with self._state:  # with _prober cleared in the same step, a new outage starts a new watcher
                 self._down = False
+                self._prober = None
             log.warning("memory: PostgreSQL at %s is back; turns are stored again", self.where)
             return
 
@@ -663,6 +664,7 @@ class PostgresMemory:
 
     def close(self) -> None:
         self._closed.set()
+        self._watchdog.cut_all()  # a call still waiting (a lock another process holds) ends now, not in 120 s
         try:
             prober = self._prober
             if prober is not None:
@@ -709,16 +711,26 @@ class _Watchdog:
 
     def _run(self) -> None:
         while not self._stopped.wait(self.TICK):
-            now = time.monotonic()
-            with self._lock:
-                for watch in [watch for watch in self._watches if watch.deadline <= now and not watch.cut]:
-                    watch.cut = True
-                    with contextlib.suppress(Exception):  # closed meanwhile: nothing to cut
-                        duplicate = socket.socket(fileno=os.dup(watch.conn.fileno()))
-                        try:
-                            duplicate.shutdown(socket.SHUT_RDWR)
-                        finally:
-                            duplicate.close()
+            self._cut_due()
+
+    def cut_all(self) -> None:
+        """Cut every watched call's connection at once (the store is closing)."""
+        with self._lock:
+            for watch in self._watches:
+                watch.deadline = 0.0
+        self._cut_due()
+
+    def _cut_due(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            for watch in [watch for watch in self._watches if watch.deadline <= now and not watch.cut]:
+                watch.cut = True
+                with contextlib.suppress(Exception):  # closed meanwhile: nothing to cut
+                    duplicate = socket.socket(fileno=os.dup(watch.conn.fileno()))
+                    try:
+                        duplicate.shutdown(socket.SHUT_RDWR)
+                    finally:
+                        duplicate.close()
 
     def stop(self) -> None:
         self._stopped.set()

@@ -180,6 +180,34 @@ def test_a_wait_for_the_lock_is_bounded_and_leaves_the_store_working(postgres_ur
         second.close()
 
 
+def test_closing_a_store_ends_a_lock_wait_in_progress(postgres_url):
+    """A process stopping while one of its conversations waits for another process's lock must not wait out
+    the lock timeout (120 s): a supervisor would kill it first."""
+    first, second = PostgresMemory(postgres_url), PostgresMemory(postgres_url)
+    outcome: list[BaseException | None] = []
+
+    def wait_for_it() -> None:
+        try:
+            with second.lock(ANN):
+                outcome.append(None)
+        except BaseException as exc:  # noqa: BLE001 - what the wait ended with
+            outcome.append(exc)
+
+    thread = threading.Thread(target=wait_for_it)
+    try:
+        with first.lock(ANN):
+            thread.start()
+            time.sleep(0.5)  # the second store is waiting in pg_advisory_lock now
+            started = time.monotonic()
+            second.close()
+            thread.join(10)
+            assert not thread.is_alive() and time.monotonic() - started < 8, "close() left the lock wait running"
+        assert outcome and outcome[0] is not None, "the wait ended as if the lock had been taken"
+    finally:
+        thread.join(10)
+        first.close()
+
+
 def test_lock_holders_never_starve_reads_and_writes(postgres_url):
     store = PostgresMemory(postgres_url, pool_size=1, timeout=2)
     try:
@@ -443,7 +471,7 @@ def test_a_quick_restart_between_calls_loses_nothing_and_costs_no_pause(own_post
         store.add(ANN, turn("after"))
         with store.lock(ANN):
             assert texts(store.recent(ANN, 5)) == ["before", "after"]
-        assert time.monotonic() - started < 0.5  # no pause per dead connection, nor a wait for `timeout`
+        assert time.monotonic() - started < 2.5  # no pause per dead connection (~1 s each), nor `timeout` (5 s)
     finally:
         store.close()
 
