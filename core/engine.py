@@ -486,6 +486,10 @@ class Engine:
                 await closing
         finally:
             # A lock wait still queued is dropped; one in progress ends when the store closes its connections.
+            # Off the loop: a store may take seconds to close (a pool), and adapters may still be finishing.
             self._lock_threads.shutdown(wait=False, cancel_futures=True)
-            self._memory_threads.shutdown(wait=True)
-            self.memory.close()
+            await asyncio.get_running_loop().run_in_executor(None, self._close_memory)
+
+    def _close_memory(self) -> None:
+        self._memory_threads.shutdown(wait=True)
+        self.memory.close()
