@@ -363,12 +363,7 @@ class PluginHost:
         name = self.settings.generator.backend
         backend = self.generator_backend
         if backend is None:
-            known = sorted(self.generators)
-            close = difflib.get_close_matches(name, known, n=1)
-            hint = f'; did you mean "{close[0]}"?' if close else ""
-            issue = ConfigIssue("generator.backend", f'no generator backend named "{name}" '
-                                f'(available: {", ".join(known) or "none"}){hint}')
-            return locate([issue], self.settings.lines)
+            return self._unknown_backend("generator", name, self.generators)
         if isinstance(self.settings.generator, backend.Config):
             self.generator_config = self.settings.generator
             return []
@@ -377,6 +372,15 @@ class PluginHost:
                                           "generator", self.settings)
         self.generator_config = config
         return issues
+
+    def _unknown_backend(self, section: str, name: str, registered: dict[str, type]) -> list[ConfigIssue]:
+        """`<section>.backend` names nothing registered: one issue listing what is, with the closest name."""
+        known = sorted(registered)
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f'; did you mean "{close[0]}"?' if close else ""
+        issue = ConfigIssue(f"{section}.backend", f'no {section} backend named "{name}" '
+                            f'(available: {", ".join(known) or "none"}){hint}')
+        return locate([issue], self.settings.lines)
 
     @property
     def memory_backend(self) -> type[MemoryBackend] | None:
@@ -388,12 +392,7 @@ class PluginHost:
         name = self.settings.memory.backend
         backend = self.memory_backend
         if backend is None:
-            known = sorted(self.memory_backends)
-            close = difflib.get_close_matches(name, known, n=1)
-            hint = f'; did you mean "{close[0]}"?' if close else ""
-            issue = ConfigIssue("memory.backend", f'no memory backend named "{name}" '
-                                f'(available: {", ".join(known) or "none"}){hint}')
-            return locate([issue], self.settings.lines)
+            return self._unknown_backend("memory", name, self.memory_backends)
         section = self.settings.raw.get("memory")
         written = dict(section) if isinstance(section, dict) else {}
         if name == DEFAULT_MEMORY_BACKEND:  # the whole section was validated with the file (MemoryConfig)
