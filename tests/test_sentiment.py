@@ -135,7 +135,7 @@ def test_transformers_backend_with_an_unreachable_model_says_what_to_do():
     bot = make_bot({"plugins": {"sentiment": {"backend": "transformers"}}})
     reply = ask(bot, "/sentiment i love it")
     assert "distilbert-base-uncased-finetuned-sst-2-english" in reply
-    assert "plugins.sentiment.model" in reply and "backend: vader" in reply
+    assert "plugins.sentiment.model" in reply and "backend: auto" in reply
     sentiment.backend_for.cache_clear()
 
 
@@ -150,3 +150,62 @@ def test_missing_package_names_the_install_command(monkeypatch):
     assert reply == ("This needs the Python package 'vaderSentiment.vaderSentiment', which is not installed: "
                      "pip install vaderSentiment")
     sentiment.backend_for.cache_clear()
+
+
+# ---------------------------------------------------------------- every language: Chinese, or an honest refusal
+
+@pytest.mark.parametrize("text, label", [
+    ("我非常喜欢这个机器人，太棒了！", "positive"),
+    ("这是我一生中最糟糕的一天。", "negative"),
+    ("服务太差了，再也不来了。", "negative"),
+    ("这家餐厅的菜很好吃，服务也很热情。", "positive"),
+])
+def test_chinese_text_gets_the_chinese_backend(bot, text, label):
+    word, score = ask(bot, f"/sentiment {text}").split(" ")
+    assert word == label
+    assert (float(score.strip("()")) > 0) == (label == "positive")
+
+
+def test_a_language_without_a_backend_is_named_not_answered_neutral(bot):
+    reply = ask(bot, "/sentiment Je suis très heureux aujourd'hui, merci beaucoup pour votre aide.")
+    assert reply.startswith("I can't judge the sentiment of French text yet")
+    assert "English" in reply and "Chinese" in reply  # what there is
+    assert "plugins.sentiment.backend: transformers" in reply  # and how to get more
+
+
+def test_a_single_lexicon_backend_refuses_the_other_language():
+    english_only = make_bot({"plugins": {"sentiment": {"backend": "vader"}}})
+    reply = ask(english_only, "/sentiment 我非常喜欢这个机器人，太棒了！")
+    assert reply.startswith("I can't judge the sentiment of Chinese text with the vader backend")
+    assert ask(english_only, "/sentiment I love it").startswith("positive")
+    chinese_only = make_bot({"plugins": {"sentiment": {"backend": "snownlp"}}})
+    assert ask(chinese_only, "/sentiment 太棒了，我很喜欢").startswith("positive")
+    assert ask(chinese_only, "/sentiment This is the worst day of my life.").startswith(
+        "I can't judge the sentiment of English text with the snownlp backend")
+
+
+def test_texts_with_no_detectable_language_are_read_as_english(bot):
+    """'ok', '😀': langid knows nothing in them; VADER knows emoji and English slang."""
+    assert ask(bot, "/sentiment 😀").startswith("positive")
+
+
+def test_the_languages_map_is_validated():
+    from chatforge.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"plugins.sentiment.languages.*martian"):
+        make_bot({"plugins": {"sentiment": {"languages": {"martian": "vader"}}}})
+    with pytest.raises(ConfigError, match=r"plugins.sentiment.languages.zho"):
+        make_bot({"plugins": {"sentiment": {"languages": {"zho": "nonsense"}}}})
+
+
+def test_passive_mode_records_the_language_and_mood_works_in_chinese():
+    bot = make_bot({"plugins": {"sentiment": {"passive": True}}})
+    for text in ["我非常喜欢这个机器人，太棒了！", "这是我一生中最糟糕的一天。",
+                 "Je suis très heureux aujourd'hui, merci beaucoup pour votre aide."]:
+        bot.ask(text)
+    notes = [turn.meta.get("sentiment") for turn in bot.history() if turn.role == "user"]
+    assert [note["language"] for note in notes] == ["zho", "zho", "fra"]
+    assert notes[0]["label"] == "positive" and notes[1]["label"] == "negative"
+    assert "score" not in notes[2]  # no backend for French: the language alone, no made-up score
+    mood = ask(bot, "/mood")
+    assert mood.startswith("Mood over your last 2 messages:"), mood
