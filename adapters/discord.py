@@ -72,7 +72,8 @@ from chatforge.message import Message
 log = logging.getLogger("chatforge.adapters.discord")
 
 LIMIT = 2000
-"""Discord's length limit of one message."""
+"""Discord's length limit of one message. Discord counts code points; the parts are measured the stricter way,
+in UTF-16 code units (`split_message`'s and `StreamingReply`'s default), so an emoji counts 2."""
 TYPING_EVERY = 8.0
 """Discord shows "typing..." for about 10 s after each trigger."""
 ANSWER_WITHIN = 2.0

@@ -63,8 +63,8 @@ _SECRET_TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,256}$")
 
 
 def telegram_length(text: str) -> int:
-    """Length as Telegram counts it: UTF-16 code units (an emoji outside the BMP counts 2)."""
-    return len(text.encode("utf-16-le")) // 2
+    """Length as Telegram counts it: UTF-16 code units (an emoji outside the BMP counts 2); a lone surrogate 1."""
+    return len(text.encode("utf-16-le", "surrogatepass")) // 2
 
 
 class TelegramConfig(PlatformConfig):

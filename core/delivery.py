@@ -2,6 +2,13 @@
 
 Shared by the Discord and Telegram adapters (and any other): each adapter
 only says how to send, edit and show typing on its platform.
+
+A cut never falls inside a user-perceived character (an extended grapheme
+cluster: an emoji ZWJ sequence, a flag, a skin tone, a letter and its combining
+marks), as the `regex` module's grapheme pattern finds them. Lengths are counted
+in UTF-16 code units unless an adapter says otherwise: Telegram counts that way,
+and for Discord (which counts code points) it is the stricter count, so a part
+fits both.
 """
 
 from __future__ import annotations
@@ -11,7 +18,10 @@ import contextlib
 import logging
 import re
 import time
+from bisect import bisect_right
 from typing import AsyncIterator, Awaitable, Callable, Generic, TypeVar
+
+import regex
 
 log = logging.getLogger("chatforge.delivery")
 
@@ -20,12 +30,31 @@ Handle = TypeVar("Handle")
 _FENCE = re.compile(r"^\s*(```|~~~)")
 
 
-def split_message(text: str, limit: int, measure: Callable[[str], int] = len) -> list[str]:
+_GRAPHEME = regex.compile(r"\X")
+_CLOSERS = "”’」』）》〉】〕〗〙〛］｝〞〟\"')]"
+_SENTENCE_END = regex.compile(f"[。！？｡．‼⁇⁈⁉]+[{regex.escape(_CLOSERS)}]*")
+"""Where a sentence of Chinese or Japanese ends: its full stop, ! or ?, with the quotes and brackets closed after it."""
+_CLAUSE_END = regex.compile(f"[，、；：､﹐﹑﹔﹕][{regex.escape(_CLOSERS)}]*")
+_SPACE = regex.compile(r"[ \u3000]")
+
+
+def utf16_length(text: str) -> int:
+    """Length in UTF-16 code units (an emoji outside the BMP counts 2): Telegram's count, and the default.
+
+    A lone surrogate (from a broken decoder) counts 1 instead of raising.
+    """
+    return len(text.encode("utf-16-le", "surrogatepass")) // 2
+
+
+def split_message(text: str, limit: int, measure: Callable[[str], int] = utf16_length) -> list[str]:
     """Parts of at most `limit` (as `measure` counts: the platform's length after escaping).
 
-    Cuts between paragraphs where it can, then between lines, then between
-    words. A code block is never cut open: one that must be split is closed at
-    the end of each part and reopened (with its language) in the next.
+    Cuts between paragraphs where it can, then between lines; a line too long
+    for one part is cut after a sentence of Chinese or Japanese (。！？ and the
+    quotes closed after it), then after a clause (，、；：), then at a space,
+    then between two characters: never inside one (see the module's doc). A
+    code block is never cut open: one that must be split is closed at the end
+    of each part and reopened (with its language) in the next.
     """
     if limit < 40:
         raise ValueError("limit must be at least 40 characters")
@@ -110,17 +139,65 @@ def _pack(lines: list[str], limit: int, measure: Callable[[str], int]) -> list[s
 
 
 def _cut_line(line: str, limit: int, measure: Callable[[str], int]) -> list[str]:
+    """The line in chunks within `limit`, each cut at the best place the module's rules allow."""
+    if measure(line) <= limit:
+        return [line]
+    ends = [match.end() for match in _GRAPHEME.finditer(line)]  # where a character may end
+    at_end = set(ends)
     chunks = []
-    while measure(line) > limit:
-        end = min(len(line), limit)
-        while end > 1 and measure(line[:end]) > limit:  # escaping may make text longer
-            end = max(1, min(end - 1, end * limit // measure(line[:end])))
-        space = line.rfind(" ", 0, end)
-        cut = space if space > end // 2 else end
-        chunks.append(line[:cut].rstrip())
-        line = line[cut:].lstrip()
-    chunks.append(line)
+    start = 0
+    while measure(line[start:]) > limit:
+        fit = _longest_fit(line, start, ends, limit, measure)
+        cut = _best_cut(line, start, fit, at_end)
+        stop = cut
+        while stop > start and line[stop - 1].isspace() and stop - 1 in at_end:
+            stop -= 1
+        if stop > start:
+            chunks.append(line[start:stop])
+        start = cut
+        while start < len(line) and line[start].isspace() and start + 1 in at_end:
+            start += 1
+    chunks.append(line[start:])
     return chunks
+
+
+def _longest_fit(line: str, start: int, ends: list[int], limit: int, measure: Callable[[str], int]) -> int:
+    """The furthest character end after `start` whose text from `start` fits `limit` (found by bisection).
+
+    When not even one character fits (a letter with a hundred combining marks), the cut falls between
+    code points within it: the only way left to fit.
+    """
+    low, high = bisect_right(ends, start), len(ends) - 1
+    if low > high or measure(line[start:ends[low]]) > limit:
+        ends = list(range(start + 1, len(line) + 1))
+        low, high = 0, len(ends) - 1
+        if measure(line[start:ends[0]]) > limit:
+            return ends[0]  # one code point wider than the limit: sent alone rather than never
+    while low < high:  # ends[low] fits; find the last one that does
+        middle = (low + high + 1) // 2
+        if measure(line[start:ends[middle]]) <= limit:
+            low = middle
+        else:
+            high = middle - 1
+    return ends[low]
+
+
+def _best_cut(line: str, start: int, fit: int, at_end: set[int]) -> int:
+    """Where to cut `line[start:fit]`: after its last sentence end, else clause end, else before its last
+    space, else at `fit`; a place in the first half is passed over, so that no part is left short."""
+    floor = start + (fit - start) // 2
+    for pattern in (_SENTENCE_END, _CLAUSE_END):
+        for match in reversed(list(pattern.finditer(line, start, fit))):
+            if match.end() <= floor:
+                break
+            if match.end() in at_end:
+                return match.end()
+    for match in reversed(list(_SPACE.finditer(line, start, fit))):
+        if match.start() <= floor:
+            break
+        if match.start() in at_end:
+            return match.start()
+    return fit
 
 
 @contextlib.asynccontextmanager
@@ -161,6 +238,8 @@ class StreamingReply(Generic[Handle]):
 
     At most one edit per `interval` seconds; a `RetryAfter` from the platform
     pauses edits for as long as it asks. `finish` always delivers the final text.
+    Past `limit` (as `measure` counts), the message shows what will be its final
+    part, cut as `split_message` cuts, and "…".
     """
 
     def __init__(
@@ -169,8 +248,9 @@ class StreamingReply(Generic[Handle]):
         edit: Callable[[Handle, str], Awaitable[object]],
         interval: float = 1.5,
         limit: int = 2000,
+        measure: Callable[[str], int] = utf16_length,
     ) -> None:
-        self.send, self.edit, self.interval, self.limit = send, edit, interval, limit
+        self.send, self.edit, self.interval, self.limit, self.measure = send, edit, interval, limit, measure
         self.text = ""
         self.shown = ""
         self.handle: Handle | None = None
@@ -194,7 +274,14 @@ class StreamingReply(Generic[Handle]):
             wait = self.next_edit_at - time.monotonic()
             if wait > 0:
                 await asyncio.sleep(wait)
-            await self._show(self.text[: self.limit - 1] + "…" if len(self.text) >= self.limit else self.text)
+            await self._show(self._preview(self.text))
+
+    def _preview(self, text: str) -> str:
+        """The text so far; past the limit, the part the message will end with, and "…"."""
+        if self.measure(text) <= self.limit:
+            return text
+        first = split_message(text, self.limit - self.measure("…"), self.measure)
+        return first[0] + "…" if first else ""
 
     async def _show(self, text: str) -> None:
         if not text.strip() or text == self.shown:
@@ -222,7 +309,7 @@ class StreamingReply(Generic[Handle]):
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        parts = split_message(final_text, self.limit) or [final_text]
+        parts = split_message(final_text, self.limit, self.measure) or [final_text]
         for _attempt in range(self.max_attempts):
             wait = self.next_edit_at - time.monotonic()
             if wait > 0:
