@@ -250,6 +250,8 @@ class StreamingReply(Generic[Handle]):
         limit: int = 2000,
         measure: Callable[[str], int] = utf16_length,
     ) -> None:
+        if limit < 41:  # a preview is a part of split_message's (at least 40) and "…"
+            raise ValueError("limit must be at least 41 characters")
         self.send, self.edit, self.interval, self.limit, self.measure = send, edit, interval, limit, measure
         self.text = ""
         self.shown = ""

@@ -1,15 +1,17 @@
-"""Splitting long replies, keeping the typing indicator up, and streaming by rate-limited edits."""
+"""Splitting long replies (Chinese and emoji too), keeping the typing indicator up, streaming by rate-limited edits."""
 
 from __future__ import annotations
 
 import asyncio
 import html
+import itertools
 import re
 import time
 
 import pytest
+import regex
 
-from chatforge.delivery import RetryAfter, StreamingReply, keep_typing, split_message
+from chatforge.delivery import RetryAfter, StreamingReply, keep_typing, split_message, utf16_length
 
 CODE = "```python\n" + "\n".join(f"print({i})  # " + "x" * 40 for i in range(120)) + "\n```"
 LONG = ("First paragraph, short.\n\n" + "\n".join(f"line {i}: " + "word " * 25 for i in range(50))
@@ -145,12 +147,6 @@ def test_streaming_a_reply_longer_than_one_message_returns_the_rest():
 
 
 # ---------------------------------------------------------------- Chinese, Japanese, emoji: never a half character
-
-import itertools  # noqa: E402
-
-import regex  # noqa: E402
-
-from chatforge.delivery import utf16_length  # noqa: E402
 
 FAMILY, FLAG, THUMB, KEYCAP = "👨\u200d👩\u200d👧\u200d👦", "🇨🇳", "👍🏽", "1\ufe0f\u20e3"
 E_ACUTE, HANGUL = "e\u0301", "\u1100\u1161\u11a8"  # é as e + combining acute; 각 as three conjoining jamo
@@ -317,3 +313,9 @@ def test_a_streamed_reply_rolls_over_without_cutting_a_character():
     rejoin(parts, text)
     assert all(utf16_length(part) <= 100 for part in parts)
     assert all(SENTENCE_END.search(part) for part in parts[:-1])
+
+
+def test_a_streaming_limit_too_small_for_a_preview_is_refused_at_once():
+    chat = FakeChat()
+    with pytest.raises(ValueError, match="limit must be at least 41"):
+        StreamingReply(chat.send, chat.edit, limit=40)
