@@ -11,10 +11,12 @@ When the guess is unsure (short texts), the likeliest pair into the target is
 tried, and a result that is mostly the input (words the pair does not know) is
 refused rather than shown as a translation.
 
-Backends: `apertium` (default; rule-based, runs the `apertium` program, whose
-language pairs are Debian packages such as `apertium-eng-spa`) and
-`transformers` (MarianMT models: the `models:` folders, else the Hub id from
-the `model` template when the Hub or its cache has it).
+Each pair has its own backend. `models:` names a MarianMT model (a folder, or
+a Hub id the cache has) per pair, e.g. `{zho-eng: models/opus-mt-zh-en}`,
+whatever the backend; `backend` says what covers the other pairs: `apertium`
+(default; rule-based, runs the `apertium` program, whose pairs are Debian
+packages such as `apertium-eng-spa`) or `transformers` (the Hub id from the
+`model` template). A refusal for a missing pair says how to add it.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import asyncio
 import functools
 import os
 import re
+import logging
 import subprocess
 from typing import Any, Literal
 
@@ -32,11 +35,16 @@ from chatforge import (CommandContext, Lazy, Message, PluginConfig, SkillError, 
                        hookimpl, match_trigger, require)
 from chatforge.language import Detection, rank_languages
 
+log = logging.getLogger("chatforge.plugins.translate")
+
 USAGE = "[SRC>]TGT TEXT"
 APERTIUM_INSTALL = "apt-get install apertium apertium-eng-spa"
 
 Pair = tuple[str, str]
 """(source, target), both ISO 639-3 codes."""
+
+Route = tuple[Literal["apertium", "transformers"], str]
+"""What translates a pair: ("apertium", mode) or ("transformers", model id or folder)."""
 
 
 # ---------------------------------------------------------------- languages
@@ -252,19 +260,40 @@ def backend_for(kind: str, model: str = "") -> Lazy[Any]:
 
 # ---------------------------------------------------------------- translating
 
-async def available_pairs(config: TranslateConfig) -> dict[Pair, str]:
-    """Pair -> what translates it: an Apertium mode, or a model id or folder."""
-    if config.backend == "transformers":
-        return {parse_pair(key): source for key, source in config.models.items()}
-    return (await backend_for("apertium").get()).pairs
+async def available_pairs(config: TranslateConfig) -> dict[Pair, Route]:
+    """Pair -> its route: the configured `models` first, then Apertium's installed pairs (backend apertium).
+
+    Without the apertium program the configured models still serve their pairs;
+    only a pair none of them covers gets the install hint.
+    """
+    routes: dict[Pair, Route] = {}
+    if config.backend == "apertium":
+        try:
+            modes = (await backend_for("apertium").get()).pairs
+        except SkillError as missing:
+            if not config.models:
+                raise
+            log.warning("translate: %s Serving only the pairs in plugins.translate.models.", missing)
+            modes = {}
+        routes.update({pair: ("apertium", mode) for pair, mode in modes.items()})
+    routes.update({parse_pair(key): ("transformers", source) for key, source in config.models.items()})
+    return routes
 
 
-def pairs_list(pairs: dict[Pair, str], config: TranslateConfig) -> str:
+def pairs_list(pairs: dict[Pair, Route], config: TranslateConfig) -> str:
     if pairs:
         return "Available pairs: " + ", ".join(show_pair(pair) for pair in sorted(pairs)) + "."
     if config.backend == "transformers":
-        return 'No pairs are set up: add folders to plugins.translate.models, e.g. {"eng-spa": "/models/opus-mt-en-es"}.'
+        return 'No pairs are set up: add folders to plugins.translate.models, e.g. {"eng-spa": "/models/opus-mt-en-spa"}.'
     return f"No Apertium pairs are installed: {APERTIUM_INSTALL}."
+
+
+def how_to_add(pair: Pair, config: TranslateConfig) -> str:
+    """The commands that add `pair`: download its MarianMT model once, name the folder in `models`."""
+    model = (config.model or "Helsinki-NLP/opus-mt-{src}-{tgt}").format(src=iso639_1(pair[0]), tgt=iso639_1(pair[1]))
+    folder = f"models/{model.rstrip('/').rsplit('/', 1)[-1]}"
+    return (f"To add {language_name(pair[0])}→{language_name(pair[1])}: hf download {model} --local-dir {folder}, "
+            f"then set plugins.translate.models: {{{'-'.join(pair)}: {folder}}}.")
 
 
 def uses_hub_models(config: TranslateConfig) -> bool:
@@ -272,8 +301,10 @@ def uses_hub_models(config: TranslateConfig) -> bool:
     return config.backend == "transformers" and bool(config.model)
 
 
-def hub_model(pair: Pair, config: TranslateConfig) -> str | None:
-    return config.model.format(src=iso639_1(pair[0]), tgt=iso639_1(pair[1])) if uses_hub_models(config) else None
+def hub_route(pair: Pair, config: TranslateConfig) -> Route | None:
+    if not uses_hub_models(config):
+        return None
+    return "transformers", config.model.format(src=iso639_1(pair[0]), tgt=iso639_1(pair[1]))
 
 
 def listing(unknown: list[str], most: int = 5) -> str:
@@ -291,7 +322,7 @@ def perhaps(guesses: list[Detection]) -> str:
     return " (perhaps " + (", ".join(names[:-1]) + " or " if len(names) > 1 else "") + names[-1] + ")"
 
 
-async def choose_source(text: str, target: str, pairs: dict[Pair, str], config: TranslateConfig) -> tuple[str, str]:
+async def choose_source(text: str, target: str, pairs: dict[Pair, Route], config: TranslateConfig) -> tuple[str, str]:
     """The source language for `text`, detected among all languages, and what to say if its translation fails.
 
     A sure guess is the source (or a refusal: already the target, or no pair
@@ -300,17 +331,21 @@ async def choose_source(text: str, target: str, pairs: dict[Pair, str], config: 
     the others fail the `untranslated` check with the returned message.
     """
     sources = {pair[0] for pair in pairs if pair[1] == target} - {target}
-    if not sources and not uses_hub_models(config):
-        raise SkillError(f"I can't translate into {language_name(target)}. {pairs_list(pairs, config)}")
     name_it = f"/translate SRC>{target} TEXT"
     guesses = await asyncio.to_thread(rank_languages, text)
     best = guesses[0] if guesses else None
+    if not sources and not uses_hub_models(config):
+        example = best.code if best is not None and best.sure and best.code != target else \
+            ("eng" if target != "eng" else "spa")
+        raise SkillError(f"I can't translate into {language_name(target)}. {pairs_list(pairs, config)} "
+                         f"{how_to_add((example, target), config)}")
     if best is not None and best.sure:
         if best.code == target:
             raise SkillError(f"That already looks like {best.name}. If it is another language, name it: {name_it}.")
         if best.code not in sources and not uses_hub_models(config):
             raise SkillError(f"That looks like {best.name}, and I can't translate from {best.name} into "
-                             f"{language_name(target)}. {pairs_list(pairs, config)}")
+                             f"{language_name(target)}. {pairs_list(pairs, config)} "
+                             f"{how_to_add((best.code, target), config)}")
         return best.code, ""
     cannot_tell = f"I can't tell which language that is{perhaps(guesses)}; name it: {name_it}. {pairs_list(pairs, config)}"
     rank = {guess.code: index for index, guess in enumerate(guesses)}
@@ -331,11 +366,15 @@ async def translate(text: str, target: str, source: str | None, config: Translat
     if source is None:
         source, failure = await choose_source(text, target, pairs, config)
 
-    translator = pairs.get((source, target)) or hub_model((source, target), config)
-    if translator is None or source == target:
+    route = pairs.get((source, target)) or hub_route((source, target), config)
+    if source == target:
+        raise SkillError(f"I can't translate from {language_name(source)} into {language_name(target)}: "
+                         f"they are the same language.")
+    if route is None:
         raise SkillError(f"I can't translate from {language_name(source)} into {language_name(target)}. "
-                         f"{pairs_list(pairs, config)}")
-    if config.backend == "transformers":
+                         f"{pairs_list(pairs, config)} {how_to_add((source, target), config)}")
+    kind, translator = route
+    if kind == "transformers":
         try:
             backend = await backend_for("transformers", translator).get()
         except ModelUnavailable as exc:

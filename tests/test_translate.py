@@ -138,15 +138,37 @@ def test_a_trigger_without_a_language_uses_the_default_target():
     assert "Hello" in ask("auf englisch: Hola", config)
 
 
+ADD_ZHO_ENG = ("To add Chinese→English: hf download Helsinki-NLP/opus-mt-zh-en --local-dir models/opus-mt-zh-en, "
+               "then set plugins.translate.models: {zho-eng: models/opus-mt-zh-en}.")
+
+
 @needs_apertium
-def test_a_detected_language_without_a_pair_is_named_with_the_pairs():
-    """Issue 11: the source was guessed among the installed pairs only, so this came back unchanged."""
+def test_a_detected_language_without_a_pair_is_named_with_the_pairs_and_how_to_add_one():
+    """Issue 11: the source was guessed among the installed pairs only, so this came back unchanged.
+    Issue 15: the refusal also says which config adds the pair."""
     assert ask("/translate en 人工智能的未来发展趋势与挑战") == (
         "That looks like Chinese, and I can't translate from Chinese into English. "
-        "Available pairs: eng→spa, spa→eng.")
+        f"Available pairs: eng→spa, spa→eng. {ADD_ZHO_ENG}")
     assert ask("/translate en 你好") == (
         "That looks like Chinese, and I can't translate from Chinese into English. "
-        "Available pairs: eng→spa, spa→eng.")
+        f"Available pairs: eng→spa, spa→eng. {ADD_ZHO_ENG}")
+
+
+@needs_apertium
+def test_a_target_no_pair_reaches_says_how_to_add_a_pair_into_it():
+    assert ask("/translate zh Hello, how are you today? I am fine, thank you.") == (
+        "I can't translate into Chinese. Available pairs: eng→spa, spa→eng. "
+        "To add English→Chinese: hf download Helsinki-NLP/opus-mt-en-zh --local-dir models/opus-mt-en-zh, "
+        "then set plugins.translate.models: {eng-zho: models/opus-mt-en-zh}.")
+    # "Hello" alone is no language langid can place; English is the example then.
+    assert ask("/translate zh Hello").endswith("then set plugins.translate.models: {eng-zho: models/opus-mt-en-zh}.")
+
+
+@needs_apertium
+def test_a_single_french_word_is_refused_naming_french_not_echoed():
+    reply = ask("/translate en Bonjour")
+    assert reply.startswith("I can't tell which language that is (perhaps ") and "French" in reply
+    assert "name it: /translate SRC>eng TEXT" in reply
 
 
 @needs_apertium
@@ -290,7 +312,10 @@ def test_transformers_translates_with_the_configured_folder_and_loads_it_once(ti
 def test_transformers_lists_the_configured_pairs_for_other_languages(tiny_marian):
     config = marian_config({"en-es": str(tiny_marian)}, model="")
     assert ask("/translate xx hello", config) == "I can't translate into xx. Available pairs: eng→spa."
-    assert ask("/translate fr hello", config) == "I can't translate into French. Available pairs: eng→spa."
+    assert ask("/translate fr hello", config) == (
+        "I can't translate into French. Available pairs: eng→spa. To add English→French: hf download "
+        "Helsinki-NLP/opus-mt-en-fr --local-dir models/opus-mt-en-fr, then set plugins.translate.models: "
+        "{eng-fra: models/opus-mt-en-fr}.")
 
 
 def test_a_hub_model_missing_offline_says_to_set_a_local_folder(tiny_marian, loads):
@@ -325,3 +350,31 @@ def test_a_missing_python_package_names_the_pip_install(tiny_marian, monkeypatch
     monkeypatch.setitem(sys.modules, "sentencepiece", None)  # makes `import sentencepiece` fail
     reply = ask("/translate es hello", marian_config({"eng-spa": str(tiny_marian)}))
     assert reply == ("This needs the Python package 'sentencepiece', which is not installed: pip install sentencepiece")
+
+
+# ---------------------------------------------------------------- a backend per pair
+
+@needs_apertium
+def test_a_configured_model_adds_its_pair_next_to_apertiums(tiny_marian, loads):
+    """The default backend keeps Apertium's pairs; `models` adds Chinese→English through MarianMT."""
+    bot = make_bot({"plugins": {"translate": {"models": {"zho-eng": str(tiny_marian)}, "max_new_tokens": 8}}})
+
+    async def talk():
+        return (await bot.ask_async("/translate en 你好"),
+                await bot.ask_async("/translate en Hola, ¿cómo estás? Muy bien, gracias."),
+                await bot.ask_async("/translate xx hello"))
+
+    chinese, spanish, unknown = run(talk())
+    assert loads == [str(tiny_marian)]  # 你好 went to the model, Spanish to Apertium
+    assert chinese and chinese != "你好" and "你好" not in chinese
+    assert spanish == "Hello, how you are? Very well, thank you."
+    assert unknown == "I can't translate into xx. Available pairs: eng→spa, spa→eng, zho→eng."
+
+
+def test_configured_models_work_without_apertium(tiny_marian, monkeypatch, tmp_path, loads):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no apertium program
+    reply = ask("/translate en 人工智能的未来发展趋势与挑战", {"models": {"zho-eng": str(tiny_marian)}, "max_new_tokens": 8})
+    assert loads == [str(tiny_marian)] and reply and "人工智能" not in reply
+    # Spanish would need Apertium: the reply lists what there is and how to add the pair.
+    assert ask("/translate es hello", {"models": {"zho-eng": str(tiny_marian)}}).startswith(
+        "I can't translate into Spanish. Available pairs: zho→eng. To add English→Spanish: ")
