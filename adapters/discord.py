@@ -16,7 +16,8 @@ What it does:
   or not. Each command is also a Discord slash command (an application command
   with an optional `args` text option), synced when the bot starts.
 - Shows "typing..." while the model works, replies to the triggering message,
-  and splits replies longer than 2000 characters (never inside a code block).
+  and splits replies longer than 2000 characters (counted in UTF-16 units, the
+  stricter count; never inside a code block or a character).
   With `stream: true` the reply is sent at once and edited as the model writes.
 - Needs the *Message Content* privileged intent (Developer Portal -> Bot ->
   Privileged Gateway Intents) to read what people write in servers.

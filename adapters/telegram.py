@@ -472,7 +472,7 @@ class TelegramAdapter(Adapter):
                     raise
 
         streaming: StreamingReply[telegram.Message] = StreamingReply(
-            send, edit, interval=self.config.stream_interval, limit=MESSAGE_LIMIT)
+            send, edit, interval=self.config.stream_interval, limit=MESSAGE_LIMIT, measure=telegram_length)
         async with keep_typing(typing, every=4):
             reply = await self.engine.handle(incoming, on_text=streaming.on_text, admission=admission)
         if reply:
