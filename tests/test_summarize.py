@@ -136,3 +136,64 @@ def test_transformers_backend_offline_default_says_what_to_do():
     reply = ask(make_bot({"plugins": {"summarize": {"backend": "transformers"}}}), f"/summarize {PARAGRAPH}")
     assert "sshleifer/distilbart-cnn-12-6" in reply and "plugins.summarize.model" in reply
     summarize.backend_for.cache_clear()
+
+
+def test_a_model_that_gives_the_text_back_is_not_taken_for_a_summary():
+    generator = FakeGenerator(lambda history, text: "  " + text.split("\n\n", 1)[1] + "\n")
+    bot = make_bot({"plugins": {"summarize": {"backend": "generator"}}}, generator=generator)
+    reply = ask(bot, f"/summarize {PARAGRAPH}")
+    assert PARAGRAPH not in reply
+    assert reply == "The model gave the text back unchanged instead of a summary; try backend: extractive."
+
+
+def test_the_transformers_backend_giving_the_text_back_is_refused(tiny_bart, monkeypatch):
+    from chatforge.plugins import summarize
+
+    monkeypatch.setattr(summarize.Seq2SeqSummarizer, "summarize", lambda self, text, max_new_tokens: text)
+    summarize.backend_for.cache_clear()
+    bot = make_bot({"plugins": {"summarize": {"backend": "transformers", "model": str(tiny_bart)}}})
+    assert ask(bot, f"/summarize {PARAGRAPH}") == (
+        "The model gave the text back unchanged instead of a summary; try backend: extractive.")
+    summarize.backend_for.cache_clear()
+
+
+def test_an_unknown_language_name_is_a_config_error():
+    from chatforge.config import ConfigError
+
+    with pytest.raises(ConfigError) as error:
+        make_bot({"plugins": {"summarize": {"language": "elvish-ish"}}})
+    assert ('plugins.summarize.language: must be "auto", a language\'s English name such as "chinese", '
+            'or an ISO 639 code such as "zh", got "elvish-ish"') in str(error.value)
+
+
+OFF_TOPIC_OPENING = [
+    "Last weekend we travelled to Boston for a conference.",
+    "The hotel was near the harbour and the breakfast was good.",
+    "After lunch we walked along the river and talked about our holidays.",
+    "The afternoon talk began with a question: can machines think?",
+    "The speaker said that the future of artificial intelligence depends on technology, data and people.",
+    "He said that large model technology has moved artificial intelligence forward, "
+    "but brings new challenges of energy and safety.",
+    "Artificial intelligence technology will change medicine, schools and transport.",
+    "Yet privacy, bias and jobs are challenges that the future of artificial intelligence must face.",
+    "He proposed that governments and universities write rules for artificial intelligence technology "
+    "to meet these challenges.",
+    "The conference ended in the evening, and many said it was a day to remember.",
+]
+
+
+def test_lexrank_does_not_give_back_an_off_topic_opening():
+    """sumy's own LexRank tied every sentence here and so answered the first three."""
+    bot = make_bot({"plugins": {"summarize": {"algorithm": "lexrank"}}})
+    picked = chosen_sentences(ask(bot, "/summarize " + " ".join(OFF_TOPIC_OPENING)))
+    assert len(picked) == 3 and all(sentence in OFF_TOPIC_OPENING for sentence in picked)
+    assert all("intelligence" in sentence for sentence in picked), picked
+
+
+@pytest.mark.parametrize("algorithm", ["lexrank", "textrank"])
+def test_sentences_with_no_word_in_common_are_not_ranked_by_position(algorithm):
+    bot = make_bot({"plugins": {"summarize": {"algorithm": algorithm}}})
+    for text in ("Cats sleep all day. Trains run fast. Apples are red. Rain fell in Paris.",
+                 "今天下雨。我喜欢猫。火车很快。苹果是红色的。"):
+        assert ask(bot, f"/summarize {text}") == (
+            "No two sentences of that text share a word, so I can't tell which of them carry the most of it.")
