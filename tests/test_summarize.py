@@ -33,9 +33,10 @@ def chosen_sentences(summary: str) -> list[str]:
     return [s.strip() for s in summary.replace(". ", ".\n").splitlines() if s.strip()]
 
 
+@pytest.mark.parametrize("language", ["auto", "english", "en"])
 @pytest.mark.parametrize("algorithm", ["lexrank", "textrank"])
-def test_a_ten_sentence_paragraph_gives_three_of_its_sentences(algorithm):
-    bot = make_bot({"plugins": {"summarize": {"algorithm": algorithm}}})
+def test_a_ten_sentence_paragraph_gives_three_of_its_sentences(algorithm, language):
+    bot = make_bot({"plugins": {"summarize": {"algorithm": algorithm, "language": language}}})
     picked = chosen_sentences(ask(bot, f"/summarize {PARAGRAPH}"))
     assert len(picked) == 3
     assert all(sentence in SENTENCES for sentence in picked)
