@@ -5,6 +5,9 @@ the asyncio event loop, so a slow reply never stalls another platform's
 heartbeat; replies to different conversations are decoded together there
 (core/local/batching.py). Text can be streamed as it is produced; stop sequences
 are held back until it is certain they are not the start of a stop sequence.
+So is the start of a character: byte-level BPE (GPT-2's, Qwen's) splits many
+Chinese characters and emoji over two to four tokens, and until the last one
+comes decoding gives U+FFFD, which is not streamed while the reply goes on.
 Each conversation's attention cache is kept between turns (core/local/kv_cache.py),
 so a follow-up computes only its new tokens before answering.
 
@@ -53,7 +56,7 @@ class TransformersGenerator:
         self.prompts = PromptBuilder(
             self.tokenizer, config.system_prompt, context_window, config.max_new_tokens, history_tokens, trim_turns
         )
-        self.stop_sequences = self.prompts.stop_sequences + list(config.stop)
+        self.stop_sequences = self.prompts.reply_stops + list(config.stop)
         self.last_stats: GenerationStats | None = None
         self.generated_tokens = 0
         """Tokens generated since start, all replies together (for /stats and benchmarks)."""
@@ -130,9 +133,10 @@ def sampling_settings(config: GeneratorConfig, recommended: dict[str, float], mo
     return chosen
 
 
-_SENTENCE_END = re.compile(r"""(?:(?<!\d)\.|[!?…。！？])["'”’)\]]*(?=\s|$)|\n""")
+_SENTENCE_END = re.compile(r"""(?:(?<!\d)\.|[!?…])["'”’)\]]*(?=\s|$)|[。！？｡‼⁇⁈⁉]+[”’」』）》〉】〕］｝"')\]]*|\n""")
 """The end of a sentence (its closing quotes or brackets included), or a line break. A full stop after a
-digit is not one: "105.4", "1. the Louvre"."""
+digit is not one: "105.4", "1. the Louvre". Chinese and Japanese put no space after a sentence: their full
+stop, ! and ? end one wherever they are ("今天很好。我们走吧")."""
 
 
 def end_cut_reply(text: str, streamed: bool) -> str:
@@ -187,15 +191,21 @@ def _eos_token_ids(model: Any, tokenizer: Any) -> set[int]:
     return ids
 
 
+_PART_OF_A_CHARACTER = "\ufffd"
+"""What decoding gives for the first bytes of a character whose last bytes are still to come."""
+
+
 class _StopAwareStreamer:
-    """Collects generated ids; emits text that can no longer turn into a stop sequence."""
+    """Collects generated ids; emits text that can no longer turn into a stop sequence, in whole characters,
+    and never whitespace the reply may end with (a reply is stripped: the stream must be the same text)."""
 
     def __init__(self, tokenizer: Any, stop_sequences: list[str], emit: OnText | None) -> None:
         self.tokenizer = tokenizer
         self.stop_sequences = [stop for stop in stop_sequences if stop]
         self.hold_back = max((len(stop) for stop in self.stop_sequences), default=1) - 1
-        # A stop sequence of n characters ends within the last n tokens (+ a margin for byte pieces).
-        self.tail_tokens = self.hold_back + 5
+        # A token holds at least one byte, so a stop of n UTF-8 bytes ("\n用户：" is 10) ends within the last
+        # n tokens (+ a margin for tokens that decode to nothing).
+        self.tail_tokens = max((len(stop.encode("utf-8")) for stop in self.stop_sequences), default=1) + 5
         self.emit = emit
         self.ids: list[int] = []
         self.sent = 0
@@ -217,22 +227,25 @@ class _StopAwareStreamer:
             self._emit(final=True)
 
     def text(self) -> str:
+        return self._cut()[0]
+
+    def _cut(self) -> tuple[str, bool]:
+        """The reply so far, up to its first stop sequence; and whether a stop sequence was found."""
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
         cut = min((i for i in (text.find(stop) for stop in self.stop_sequences) if i >= 0), default=-1)
-        return text[:cut] if cut >= 0 else text
+        return (text[:cut], True) if cut >= 0 else (text, False)
 
     def final_text(self) -> str:
         return self.text().strip()
 
     def _emit(self, final: bool) -> bool:
         """Send what is certain; True when a stop sequence was reached."""
-        full = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        text = self.text()
-        stopped = len(text) < len(full)
+        text, stopped = self._cut()
         if final or stopped:
             ready = text.strip()
-        else:
-            ready = text.lstrip()[: max(0, len(text.lstrip()) - self.hold_back)].rstrip("\ufffd")
+        else:  # whole characters only, the last few held back as a possible stop's start
+            shown = text.lstrip().rstrip(_PART_OF_A_CHARACTER)
+            ready = shown[: max(0, len(shown) - self.hold_back)].rstrip()
         if len(ready) > self.sent:
             piece, self.sent = ready[self.sent:], len(ready)
             self.emit(piece)

@@ -11,8 +11,9 @@ Plain language models such as GPT-2 get a transcript:
     Bot:
 
 with "\nUser:" and "\nBot:" as stop sequences, so the model never writes the
-user's next line. Newlines inside a message are flattened in the transcript,
-so a message cannot fake a role line.
+user's next line (also with the full-width colon, "\nUser：", which a model
+continuing Chinese text may write). Newlines inside a message are flattened in
+the transcript, so a message cannot fake a role line.
 
 Text never becomes control tokens: a message, a stored turn or a skill's
 instruction that spells `<|im_start|>` or `<|endoftext|>` is encoded as those
@@ -28,11 +29,14 @@ language of the topic otherwise (SmolLM2-135M, sampling at temperature 0.2,
 answered "What is the capital of France?" in French in 9 of 10 seeded runs
 without it, in English in 10 of 10 with it). It is
 left out when the user's latest message that langid is sure of is in another
-language, since an English example pulls the model into English there.
+language, since an English example pulls the model into English there, and
+when the latest message is in Chinese, Japanese or Korean script, which langid
+is unsure of when it is one character ("嗨！", "嗯").
 
 History is cut, oldest turns first, to fit the context window and the history
-token budget, in steps of `trim_turns` turns counted from the start of the
-history given (halved while even the newest step is too long). Cutting in
+token budget (tokens, not characters: a Chinese character may be one token or
+three), in steps of `trim_turns` turns counted from the start of the history
+given (halved while even the newest step is too long). Cutting in
 steps keeps the prompt's start the same for several turns, so the
 conversation's cached keys and values stay usable (core/local/kv_cache.py); cutting
 one exchange per turn would change the start, and recompute the whole prompt,
@@ -46,12 +50,16 @@ import inspect
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+import regex
+
 from ..memory import Turn, trim_step, window_start  # noqa: F401 - recall window, importable from here as before
 from .model_loading import ModelLoadError
 
 USER_LABEL = "User"
 BOT_LABEL = "Bot"
 TRANSCRIPT_STOPS = [f"\n{USER_LABEL}:", f"\n{BOT_LABEL}:"]
+FULL_WIDTH_STOPS = [f"\n{USER_LABEL}：", f"\n{BOT_LABEL}："]
+"""The role lines again with a full-width colon, as a model writing Chinese may put them: a reply ends there too."""
 OPENING = [Turn("user", "Hi!"), Turn("assistant", "Hello! How can I help you today?")]
 """The example exchange that keeps a chat model in English when the user writes English."""
 
@@ -65,12 +73,18 @@ def _sure_language(text: str) -> str | None:
     return guess.code if guess is not None and guess.sure else None
 
 
+_CJK_SCRIPT = regex.compile(r"[\p{Han}\p{Hiragana}\p{Katakana}\p{Hangul}]")
+
+
 def writes_english(turns: Sequence[Turn], text: str) -> bool:
-    """Whether the user's latest message of a language langid is sure of is English (True when none is)."""
+    """Whether the user's latest message of a language langid is sure of is English (True when none is); a
+    message langid is unsure of but written in Chinese, Japanese or Korean script is surely not English."""
     for message in [text, *(turn.text for turn in reversed(turns) if turn.role == "user")]:
         language = _sure_language(message)
         if language is not None:
             return language == "eng"
+        if _CJK_SCRIPT.search(message):
+            return False
     return True
 
 
@@ -103,7 +117,13 @@ class PromptBuilder:
 
     @property
     def stop_sequences(self) -> list[str]:
+        """The role markers the transcript itself writes (none with a chat template: EOS ends a reply)."""
         return [] if self.uses_chat_template else list(TRANSCRIPT_STOPS)
+
+    @property
+    def reply_stops(self) -> list[str]:
+        """Where a reply ends: the transcript's role markers, and the same with a full-width colon."""
+        return [] if self.uses_chat_template else TRANSCRIPT_STOPS + FULL_WIDTH_STOPS
 
     def build(self, history: Sequence[Turn], text: str) -> Prompt:
         """The prompt for answering `text` after `history`, newest turns kept."""
@@ -135,8 +155,10 @@ class PromptBuilder:
         return self.build([], text).input_ids
 
     def _clip(self, text: str, excess_tokens: int) -> str:
-        """Drop the start of an over-long message so the prompt fits, keeping its end."""
-        return self.tokenizer.decode(_text_ids(self.tokenizer, text)[excess_tokens + 8:])
+        """Drop the start of an over-long message so the prompt fits, keeping its end. The cut is in token ids,
+        so it can fall inside a character (byte-level BPE splits many Chinese characters and emoji); the bytes
+        left of that character decode to U+FFFD and go too."""
+        return self.tokenizer.decode(_text_ids(self.tokenizer, text)[excess_tokens + 8:]).lstrip("\ufffd")
 
     def _render(self, turns: Sequence[Turn], text: str) -> list[int]:
         if self.uses_chat_template:
