@@ -3,8 +3,9 @@
     /summarize TEXT   ->  the two or three sentences that carry the most of it
     /summarize        ->  a summary of this conversation, from memory
 
-Backends: `extractive` (default; LexRank or TextRank from sumy, so nothing
-needs downloading and every sentence of the summary is taken from the text),
+Backends: `extractive` (default; LexRank, as its paper's continuous damped
+LexRank on sumy's, or sumy's TextRank, so nothing needs downloading and every
+sentence of the summary is taken from the text),
 `generator` (asks the bot's own language model) and `transformers` (a
 sequence-to-sequence summarization model id or folder, such as
 `sshleifer/distilbart-cnn-12-6`).
