@@ -232,6 +232,10 @@ class _StopAwareStreamer:
     def _cut(self) -> tuple[str, bool]:
         """The reply so far, up to its first stop sequence; and whether a stop sequence was found."""
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith(_PART_OF_A_CHARACTER):
+            # The reply ended (token limit, EOS) or paused in the middle of a character: never show half
+            # of one. (A real U+FFFD at the very end is dropped too; that costs nothing.)
+            text = text[:-1]
         cut = min((i for i in (text.find(stop) for stop in self.stop_sequences) if i >= 0), default=-1)
         return (text[:cut], True) if cut >= 0 else (text, False)
 
