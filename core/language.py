@@ -58,12 +58,51 @@ def _language(langid_code: str) -> tuple[str, str]:
     return language.pt3, re.sub(r"\s*\(.*\)$", "", language.name)
 
 
+_HAN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
+_KANA = re.compile(r"[\u3040-\u30ff\u31f0-\u31ff\uff66-\uff9f]")
+
+
+@functools.cache
+def _detectable() -> frozenset[str]:
+    """The ISO 639-3 codes langid can answer (97; macrolanguages such as 'zho' for every Chinese)."""
+    return frozenset(_language(label)[0] for label in _identifier().nb_classes)
+
+
+def detected_as(code: str) -> str:
+    """The code detection gives for the language `code` names: its macrolanguage when langid knows only that
+    ('cmn' Mandarin and 'yue' Cantonese -> 'zho', 'arb' -> 'ara'), else `code`. Config keys go through this,
+    so `{cmn-eng: ...}` matches a text detected as Chinese."""
+    if code in _detectable():
+        return code
+    iso639 = require("iso639", "pip install iso639-lang")
+    try:
+        macro = iso639.Lang(code).macro()
+    except Exception:  # noqa: BLE001 - not a code iso639 knows: leave it as it is
+        return code
+    return macro.pt3 if macro is not None and macro.pt3 in _detectable() else code
+
+
 def rank_languages(text: str) -> list[Detection]:
     """Every language, most likely first; [] when the text has nothing langid can go on."""
     identifier = _identifier()
     if not identifier.instance2fv(text).any():
         return []  # langid would answer its prior (English, 17%) for any such text
-    return [Detection(*_language(label), float(confidence)) for label, confidence in identifier.rank(text)]
+    ranking = [(label, float(confidence)) for label, confidence in identifier.rank(text)]
+    if _HAN.search(text) and not _KANA.search(text):
+        ranking = _chinese_before_japanese(ranking)
+    return [Detection(*_language(label), confidence) for label, confidence in ranking]
+
+
+def _chinese_before_japanese(ranking: list[tuple[str, float]]) -> list[tuple[str, float]]:
+    """Han characters without kana are Chinese: Japanese always writes kana beside its kanji, but langid reads
+    Chinese with Latin words ("Python很好。Java也不错。") as Japanese at 0.97. Their two confidences swap."""
+    position = {label: index for index, (label, _) in enumerate(ranking)}
+    if "ja" not in position or "zh" not in position or position["zh"] < position["ja"]:
+        return ranking
+    ja, zh = position["ja"], position["zh"]
+    swapped = list(ranking)
+    swapped[ja], swapped[zh] = ("zh", ranking[ja][1]), ("ja", ranking[zh][1])
+    return swapped
 
 
 def detect_language(text: str) -> Detection | None:

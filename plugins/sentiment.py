@@ -20,6 +20,7 @@ plugins can read it too.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import math
@@ -64,14 +65,23 @@ class SentimentConfig(PluginConfig):
 
     @field_validator("languages")
     @classmethod
-    def _keys_are_languages(cls, languages: dict[str, str]) -> dict[str, str]:
-        from chatforge.plugins.translate import iso639_3
+    def _keys_are_languages_their_backends_read(cls, languages: dict[str, str]) -> dict[str, str]:
+        """ISO 639-3 codes as detection gives them ('cmn' -> 'zho'); a lexicon only for its own language."""
+        from chatforge.plugins.translate import iso639_3, language_name
 
+        if not languages:
+            raise ValueError("must name at least one language, e.g. {eng: vader, zho: chinese}")
         codes = {}
         for language, backend in languages.items():
             code = iso639_3(language)
             if code is None:
-                raise ValueError(f"{language!r} is not an ISO 639 language code or name")
+                raise ValueError(f"must have ISO 639 codes or English names as keys; {language!r} is neither")
+            own = LANGUAGE_OF.get(backend)
+            if own is not None and own != code:
+                raise ValueError(f"must not map {language} to {backend}: the {backend} backend reads "
+                                 f"{language_name(own)} only, not "
+                                 f"{language_name(code)}; for {language_name(code)} use backend transformers "
+                                 f"with a model that knows it, or leave it out (its texts are then refused)")
             codes[code] = backend
         return codes
 
@@ -193,6 +203,19 @@ class TransformersBackend:
         return max(-1.0, min(1.0, signed))
 
 
+log = logging.getLogger("chatforge.plugins.sentiment")
+
+
+@functools.cache
+def _log_once(problem: str) -> None:
+    log.warning("%s", problem)
+
+
+def _sure_language(text: str) -> str | None:
+    guess = rank_languages(text)
+    return guess[0].code if guess and guess[0].sure else None
+
+
 BACKENDS = {"vader": VaderBackend, "chinese": ChineseBackend, "snownlp": SnowNLPBackend, "cnsenti": CnSentiBackend}
 
 
@@ -249,8 +272,6 @@ async def analyze(text: str, config: SentimentConfig) -> Sentiment:
 
     Raises NoBackend (a SkillError) when no configured backend reads the text's language.
     """
-    import asyncio
-
     kind, language = await asyncio.to_thread(choose_backend, text, config)
     backend = await backend_for(kind, config.model).get()
     score = await asyncio.to_thread(backend.score, text)
@@ -310,6 +331,9 @@ def chatforge_preprocess(message: Message, bot, config: SentimentConfig):
             result = await analyze(message.text[: config.max_chars], config)
         except NoBackend as missing:  # passive mode never replies; it notes what it knows
             note: dict[str, Any] = {"language": missing.language}
+        except SkillError as problem:  # a backend that cannot load (a missing package or model): log, go on
+            _log_once(f"sentiment: passive mode cannot score this message: {problem}")
+            note = {"language": await asyncio.to_thread(_sure_language, message.text[: config.max_chars])}
         else:
             note = {"label": result.label, "score": result.score, "language": result.language}
         return message.replace(meta={**message.meta, "sentiment": note})

@@ -33,7 +33,7 @@ from pydantic import PositiveFloat, PositiveInt, field_validator
 
 from chatforge import (CommandContext, Lazy, Message, PluginConfig, SkillError, Trigger, check_length,
                        hookimpl, match_trigger, require)
-from chatforge.language import Detection, rank_languages
+from chatforge.language import Detection, detected_as, rank_languages
 
 log = logging.getLogger("chatforge.plugins.translate")
 
@@ -50,7 +50,10 @@ Route = tuple[Literal["apertium", "transformers"], str]
 # ---------------------------------------------------------------- languages
 
 def iso639_3(name_or_code: str) -> str | None:
-    """The ISO 639-3 code for an ISO 639 code or an English name ('es', 'spa', 'spanish'); None if unknown."""
+    """The ISO 639-3 code for an ISO 639 code or an English name ('es', 'spa', 'spanish'); None if unknown.
+
+    As detection gives it: a Chinese variety ('cmn', 'Mandarin Chinese') is 'zho' (`detected_as`).
+    """
     iso639 = require("iso639", "pip install iso639-lang")
     word = name_or_code.strip()
     if not word:
@@ -61,7 +64,7 @@ def iso639_3(name_or_code: str) -> str | None:
         except (iso639.exceptions.InvalidLanguageValue, iso639.exceptions.DeprecatedLanguageValue):
             continue
         if code:  # language families (ISO 639-5 only) have none
-            return code
+            return detected_as(code)
     return None
 
 

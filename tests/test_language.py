@@ -46,3 +46,13 @@ def test_langids_own_module_model_is_left_alone():
 
     detect_language("Guten Morgen")
     assert langid.classify("Guten Morgen, wie geht es dir heute?")[0] == "de"
+
+
+def test_chinese_with_latin_words_is_chinese_not_japanese():
+    """langid reads 'Python很好。Java也不错。' as Japanese (0.97+), though Japanese writes kana and this has none."""
+    for text in ["Python很好。Java也不错。", "我用Python写程序", "iPhone很贵"]:
+        guess = detect_language(text)
+        assert guess is not None and guess.code == "zho", (text, guess)
+    assert detect_language("Pythonはとてもいいです。").code == "jpn"  # kana: Japanese stays Japanese
+    ranking = rank_languages("Python很好。Java也不错。")
+    assert sum(guess.confidence for guess in ranking) == pytest.approx(1.0)

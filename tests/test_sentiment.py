@@ -209,3 +209,35 @@ def test_passive_mode_records_the_language_and_mood_works_in_chinese():
     assert "score" not in notes[2]  # no backend for French: the language alone, no made-up score
     mood = ask(bot, "/mood")
     assert mood.startswith("Mood over your last 2 messages:"), mood
+
+
+def test_a_lexicon_backend_mapped_to_another_language_is_a_config_error():
+    """VADER on French would be a confident wrong answer: negative (-0.61) for a happy sentence."""
+    from chatforge.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"plugins.sentiment.languages: must not map fra to vader: the vader backend reads English only"):
+        make_bot({"plugins": {"sentiment": {"languages": {"fra": "vader"}}}})
+    with pytest.raises(ConfigError, match=r"plugins.sentiment.languages: must name at least one language"):
+        make_bot({"plugins": {"sentiment": {"languages": {}}}})
+
+
+def test_a_chinese_variety_is_the_chinese_detection_gives():
+    """langid answers 'zh' for every Chinese; a map that says Mandarin (cmn) must still match it."""
+    bot = make_bot({"plugins": {"sentiment": {"languages": {"cmn": "chinese", "en": "vader"}}}})
+    assert ask(bot, "/sentiment 我非常喜欢这个机器人，太棒了！").startswith("positive")
+
+
+def test_passive_mode_never_replies_even_when_a_backend_cannot_load(monkeypatch):
+    import sys
+
+    from chatforge.plugins import sentiment
+
+    monkeypatch.setitem(sys.modules, "cnsenti", None)  # the Chinese backend's import now fails
+    sentiment.backend_for.cache_clear()
+    try:
+        bot = make_bot({"plugins": {"sentiment": {"passive": True}}})
+        assert bot.ask("今天天气很好") == "echo: 今天天气很好"  # the bot answers, not the skill's error
+        (note,) = [turn.meta.get("sentiment") for turn in bot.history() if turn.role == "user"]
+        assert note == {"language": "zho"}
+    finally:
+        sentiment.backend_for.cache_clear()

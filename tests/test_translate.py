@@ -378,3 +378,11 @@ def test_configured_models_work_without_apertium(tiny_marian, monkeypatch, tmp_p
     # Spanish would need Apertium: the reply lists what there is and how to add the pair.
     assert ask("/translate es hello", {"models": {"zho-eng": str(tiny_marian)}}).startswith(
         "I can't translate into Spanish. Available pairs: zho→eng. To add English→Spanish: ")
+
+
+def test_a_chinese_variety_in_models_is_the_chinese_detection_gives(tiny_marian, loads):
+    """langid answers 'zh' for every Chinese: a pair keyed 'cmn-eng' must serve 你好 too."""
+    reply = ask("/translate en 你好", {"models": {"cmn-eng": str(tiny_marian)}, "max_new_tokens": 8})
+    assert loads == [str(tiny_marian)] and reply and "你好" not in reply
+    assert translate.iso639_3("Mandarin Chinese") == "zho" and translate.iso639_3("cmn") == "zho"
+    assert translate.iso639_3("nob") == "nob"  # a language langid knows by itself is left alone
