@@ -217,6 +217,10 @@ def untranslated(text: str, translation: str, unknown: list[str]) -> bool:
     return same or 2 * len(unknown) > len(words(translation))
 
 
+PREFERRED_VARIETY = {"zho": ["cmn_Hans", "cmn"]}
+"""Which variety a multi-target model writes for a macrolanguage: Simplified Mandarin for Chinese."""
+
+
 class ModelUnavailable(Exception):
     """A transformers model that cannot be loaded; `translate` tells the user what to set instead."""
 
@@ -240,12 +244,27 @@ class MarianBackend:
         except (OSError, ValueError) as exc:
             raise ModelUnavailable(exc.__class__.__name__) from None
 
-    def translate(self, text: str, max_new_tokens: int) -> str:
+    def target_token(self, target: str) -> str:
+        """The `>>code<<` a multi-target model (opus-mt-en-zh: >>cmn_Hans<<, >>cmn_Hant<<, >>yue<<...) needs
+        at the start of each sentence to write `target`; "" for a model with one target language."""
+        codes = list(getattr(self.tokenizer, "supported_language_codes", []) or [])
+        if not codes:
+            return ""
+        names = [target, iso639_1(target), *PREFERRED_VARIETY.get(target, [])]
+        for name in dict.fromkeys(names):
+            for code in codes:
+                if code[2:-2] == name or code[2:-2].startswith(f"{name}_"):
+                    return code
+        raise SkillError(f"needs a target-language token, and it has none for {language_name(target)} "
+                         f"(it has {', '.join(codes[:8])}{' and more' if len(codes) > 8 else ''}).")
+
+    def translate(self, text: str, max_new_tokens: int, target: str = "") -> str:
         """Line by line, as the models are trained on sentences; blank lines are kept."""
         import torch
 
+        prefix = self.target_token(target) if target else ""
         lines = text.split("\n")
-        wanted = [line for line in lines if line.strip()]
+        wanted = [f"{prefix} {line}" if prefix else line for line in lines if line.strip()]
         batch = self.tokenizer(wanted, return_tensors="pt", padding=True, truncation=True)
         with torch.inference_mode():
             output = self.model.generate(**batch, max_new_tokens=max_new_tokens)
@@ -385,7 +404,11 @@ async def translate(text: str, target: str, source: str | None, config: Translat
             raise SkillError(f"The translation model {translator!r} for {show_pair((source, target))} cannot be "
                              f"loaded ({exc}). Set plugins.translate.models to a local folder, e.g. {example}. "
                              f"{pairs_list(pairs, config)}") from None
-        translation, unknown = await asyncio.to_thread(backend.translate, text, config.max_new_tokens), []
+        try:
+            translation = await asyncio.to_thread(backend.translate, text, config.max_new_tokens, target)
+        except SkillError as problem:
+            raise SkillError(f"The translation model for {show_pair((source, target))} {problem}") from None
+        unknown = []
     else:
         backend = await backend_for("apertium").get()
         translation, unknown = await backend.translate(text, translator, config.timeout)

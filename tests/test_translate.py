@@ -386,3 +386,41 @@ def test_a_chinese_variety_in_models_is_the_chinese_detection_gives(tiny_marian,
     assert loads == [str(tiny_marian)] and reply and "你好" not in reply
     assert translate.iso639_3("Mandarin Chinese") == "zho" and translate.iso639_3("cmn") == "zho"
     assert translate.iso639_3("nob") == "nob"  # a language langid knows by itself is left alone
+
+
+@pytest.fixture(scope="module")
+def tiny_multi_target_marian(tiny_marian, tmp_path_factory) -> Path:
+    """The tiny MarianMT with target-language tokens, as opus-mt-en-zh has (>>cmn_Hans<<, >>cmn_Hant<<, >>yue<<)."""
+    from transformers import MarianConfig, MarianMTModel
+
+    folder = Path(shutil.copytree(tiny_marian, tmp_path_factory.mktemp("multi") / "opus-mt-en-zh"))
+    vocab = json.loads((folder / "vocab.json").read_text())
+    for code in (">>cmn_Hans<<", ">>cmn_Hant<<", ">>yue<<"):
+        vocab[code] = len(vocab)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    config = MarianConfig.from_pretrained(folder)
+    config.vocab_size = len(vocab)
+    MarianMTModel(config).save_pretrained(folder)
+    return folder
+
+
+def test_a_model_with_target_language_tokens_is_told_the_target(tiny_multi_target_marian, monkeypatch):
+    """opus-mt-en-zh writes Simplified, Traditional or Cantonese as a >>code<< token at the start says."""
+    from transformers import MarianMTModel
+
+    seen: list[list[str]] = []
+    real_generate = MarianMTModel.generate
+
+    def spying_generate(self, input_ids=None, **kwargs):
+        seen.append(translate.load_marian(str(tiny_multi_target_marian))[0].convert_ids_to_tokens(input_ids[0]))
+        return real_generate(self, input_ids=input_ids, **kwargs)
+
+    monkeypatch.setattr(MarianMTModel, "generate", spying_generate)
+    reply = ask("/translate eng>zho Hello, how are you?",
+                {"models": {"eng-zho": str(tiny_multi_target_marian)}, "max_new_tokens": 8})
+    assert reply and not reply.startswith("I can't")
+    assert seen and seen[0][0] == ">>cmn_Hans<<"  # Simplified Chinese, the default for zho
+    assert ask("/translate eng>deu Hello, how are you?",
+               {"models": {"eng-deu": str(tiny_multi_target_marian)}, "max_new_tokens": 8}) == (
+        "The translation model for eng→deu needs a target-language token, and it has none for German "
+        "(it has >>cmn_Hans<<, >>cmn_Hant<<, >>yue<<).")
