@@ -99,6 +99,10 @@ class MemoryStore(Protocol):
     def count(self, key: ConversationKey) -> int:
         """How many turns the conversation has."""
         ...
+    def conversations(self, platform: str | None = None) -> list[ConversationKey]:
+        """Every conversation that has turns (on `platform` if given), once each, the one whose oldest kept
+        turn was stored first first: `chatforge finetune` reads them all, and what was forgotten is not listed."""
+        ...
     def forget(self, key: ConversationKey, user: str | None = None) -> int:
         """Delete the conversation, or only `user`'s lines of it and the bot's replies to them; how many."""
         ...
@@ -198,6 +202,12 @@ class InMemoryMemory:
     def count(self, key: ConversationKey) -> int:
         with self._lock:
             return len(self._turns.get(key, []))
+
+    def conversations(self, platform: str | None = None) -> list[ConversationKey]:
+        with self._lock:
+            kept = [(turns[0].created_at, key) for key, turns in self._turns.items()
+                    if turns and (platform is None or key.platform == platform)]
+        return [key for _, key in sorted(kept, key=lambda pair: pair[0])]  # stable: ties keep the order of adding
 
     def forget(self, key: ConversationKey, user: str | None = None) -> int:
         if user is None:

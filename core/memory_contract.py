@@ -93,6 +93,7 @@ class MemoryStoreContract:
         for index, key in enumerate(keys):
             store.add(key, turn(f"for {index}"))
         assert [texts(store.recent(key, 10)) for key in keys] == [[f"for {index}"] for index in range(len(keys))]
+        assert store.conversations() == keys  # every part read back as it was written
 
     def test_a_question_and_its_answer_are_added_together(self, store):
         store.add(ANN, turn("question", user="ann"), turn("answer", role="assistant", reply_to="ann"))
@@ -184,6 +185,31 @@ class MemoryStoreContract:
         assert store.purge_before(150.0) == 3
         assert texts(store.recent(ANN, 10)) == ["new"] and store.count(BOB) == 0
         assert store.purge_before(150.0) == 0
+
+    # ------------------------------------------------------------ listing (chatforge finetune reads them all)
+
+    def test_conversations_lists_every_key_with_turns_once_oldest_first(self, store):
+        assert store.conversations() == []
+        store.add(GROUP, turn("first", at=1.0), turn("reply", role="assistant", at=1.0))
+        store.add(ANN, turn("second", user="ann", at=2.0))
+        store.add(GROUP, turn("again", at=3.0))
+        store.add(OTHER_PLATFORM, turn("third", user="ann", at=4.0))
+        store.add(ELSEWHERE, turn("fourth", user="ann", at=5.0))
+        assert store.conversations() == [GROUP, ANN, OTHER_PLATFORM, ELSEWHERE]
+        assert all(isinstance(key, ConversationKey) for key in store.conversations())
+        assert store.conversations(platform="p") == [GROUP, ANN, ELSEWHERE]
+        assert store.conversations(platform="q") == [OTHER_PLATFORM]
+        assert store.conversations(platform="nowhere") == []
+
+    def test_a_forgotten_conversation_is_no_longer_listed(self, store):
+        store.add(ANN, turn("a", user="ann", at=1.0))
+        store.add(BOB, turn("b", user="bob", at=2.0))
+        store.add(GROUP, turn("from ann", user="ann", at=3.0), turn("to ann", role="assistant", reply_to="ann", at=3.0))
+        store.forget(ANN)
+        store.forget_user("p", "ann")
+        assert store.conversations() == [BOB]
+        store.add(ANN)  # no turns: still nothing to list
+        assert store.conversations() == [BOB]
 
     # ------------------------------------------------------------ several processes
 

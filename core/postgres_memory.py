@@ -547,6 +547,13 @@ class PostgresMemory:
         return self._call(lambda conn: conn.execute(
             "SELECT COUNT(*) FROM chatforge_turns WHERE conversation = %s", (key.encode(),)).fetchone()[0])
 
+    def conversations(self, platform: str | None = None) -> list[ConversationKey]:
+        where = "" if platform is None else "WHERE platform = %s"
+        rows = self._call(lambda conn: conn.execute(
+            f"SELECT conversation FROM chatforge_turns {where} GROUP BY conversation ORDER BY MIN(id)",
+            () if platform is None else (_text(platform),)).fetchall())
+        return [ConversationKey.decode(row[0]) for row in rows]
+
     def forget(self, key: ConversationKey, user: str | None = None) -> int:
         if user is None:
             return self._call(lambda conn: conn.execute(

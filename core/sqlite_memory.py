@@ -245,6 +245,13 @@ class SQLiteMemory:
             return self._db.execute("SELECT COUNT(*) FROM turns WHERE conversation = ?",
                                     (key.encode(),)).fetchone()[0]
 
+    def conversations(self, platform: str | None = None) -> list[ConversationKey]:
+        where = "" if platform is None else "WHERE json_extract(conversation, '$[0]') = ?"
+        with self._lock:
+            rows = self._db.execute(f"SELECT conversation FROM turns {where} GROUP BY conversation ORDER BY MIN(id)",
+                                    () if platform is None else (platform,)).fetchall()
+        return [ConversationKey.decode(row[0]) for row in rows]
+
     def forget(self, key: ConversationKey, user: str | None = None) -> int:
         with self._lock:
             if user is None:
