@@ -13,13 +13,19 @@ sequence-to-sequence summarization model id or folder, such as
 Languages (extractive): with `language: auto` (the default) each text's
 language is detected (chatforge.language); an unsure guess, or none, gets
 English rules. Chinese is split after 。！？!?… (closing quotes and brackets
-stay with their sentence) and at line breaks, its words segmented by jieba, with
-sumy's Chinese stop words, and the summary's sentences joined without spaces.
-Other languages pysbd knows are split by pysbd; the rest at Unicode sentence
-punctuation and line breaks. Stemmers and stop words are sumy's where it has
-them; words of scripts written without spaces (Japanese, Thai...) are compared
-as character pairs. A text with no more sentences than a summary keeps is
-answered with that, never given back as its own summary.
+stay with their sentence) and at line breaks, and ranked on a Simplified copy
+(snownlp's table: sumy's Chinese stop words are Simplified, and jieba's words
+mostly), its words segmented by jieba, with sumy's Chinese stop words; the
+summary gives the text's own sentences, Traditional ones too. Other languages
+pysbd knows are split by pysbd; the rest at Unicode sentence punctuation and
+line breaks. Stemmers and stop words are sumy's where it has them; words of
+scripts written without spaces (Japanese, Thai...) are compared as character
+pairs. A text with no more sentences than a summary keeps is answered with
+that, never given back as its own summary.
+
+A summary's sentences are joined as the language writes them (a space; none in
+Chinese and Japanese, but a space after a sentence in Latin script there), and a
+sentence that only a line break ended (a heading, a list item) keeps its line.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import asyncio
 import functools
 import logging
 import re
+import unicodedata
 import warnings
 from dataclasses import dataclass
 from typing import Any, Literal, Optional
@@ -113,7 +120,7 @@ class Rules:
     """sumy's name for it (stemmer, stop words): 'chinese', 'english'."""
     splitter: Literal["chinese", "pysbd", "punctuation"]
     joiner: str
-    """Between the summary's sentences: none in Chinese and Japanese."""
+    """Between two of the summary's sentences: none in Chinese and Japanese (but see ExtractiveSummarizer.join)."""
 
 
 @functools.cache
@@ -161,6 +168,9 @@ _ANY_END = regex.compile(
 """Where a sentence ends in a language without its own rules: Unicode's sentence terminals (. ! ? ؟ । ። ...)
 before a space or the end, CJK ones anywhere."""
 
+_ENDED = regex.compile(r"[\p{Sentence_Terminal}…⋯]" + _CLOSERS + r"$")
+"""A sentence that ends in its own punctuation (not one a line break or the text's end ended)."""
+
 _ONLY_PUNCTUATION = regex.compile(r"[\p{P}\p{S}\s]+")
 
 
@@ -206,6 +216,17 @@ class _WordTokenizer:
             else:
                 words.append(token)
         return words
+
+
+def _simplified() -> Any:
+    """snownlp's Traditional-to-Simplified conversion (MediaWiki's table, phrases too: 人工智慧 -> 人工智能).
+
+    The function behind `SnowNLP(text).han`, without the BM25 index SnowNLP
+    builds for every text. Importing snownlp loads its models too (about 5 s,
+    once per process).
+    """
+    snownlp = require("snownlp", "pip install snownlp")
+    return snownlp.normal.zh2hans
 
 
 def _jieba_tokenizer() -> Any:
@@ -276,57 +297,122 @@ def _damped_lexrank() -> type:
 
 
 class ExtractiveSummarizer:
-    """LexRank or TextRank (sumy) over sentences split by the language's rules (no NLTK data needed)."""
+    """LexRank or TextRank (sumy) over sentences split by the language's rules (no NLTK data needed).
+
+    One per language, used by every worker thread that summarizes at the same
+    time, so what keeps state while it works is made for each call instead:
+    pysbd's Segmenter (it keeps the text it splits on itself, so a shared one
+    looked for one text's sentences in another and lost them) and sumy's ranker
+    (its stemmer may keep the word it stems: nltk's Arabic one does). Each costs
+    under half a millisecond. jieba (loaded once), snownlp's table and sumy's
+    Chinese tokenizer only read what they keep.
+    """
 
     def __init__(self, algorithm: str, language: str) -> None:
         require("sumy", "pip install sumy")
-        from sumy.nlp.stemmers import Stemmer, null_stemmer
+        from sumy.nlp.stemmers import Stemmer
         from sumy.summarizers.text_rank import TextRankSummarizer
         from sumy.utils import get_stop_words
 
         self.rules = rules_for(language)
         if self.rules.splitter == "pysbd":
-            pysbd = require("pysbd", "pip install pysbd")
-            self.segmenter = pysbd.Segmenter(language=self.rules.code, clean=False)
+            self._pysbd = require("pysbd", "pip install pysbd")
         self.tokenizer = _jieba_tokenizer() if self.rules.splitter == "chinese" else _WordTokenizer()
+        self._as_ranked = _simplified() if self.rules.splitter == "chinese" else None
         try:
-            stemmer = Stemmer(self.rules.name)
+            Stemmer(self.rules.name)
+            self._stems = True
         except LookupError:
-            stemmer = null_stemmer  # no stemmer for this language: words are compared lower-cased
-        summarizer_class = _damped_lexrank() if algorithm == "lexrank" else TextRankSummarizer
-        self.summarizer = summarizer_class(stemmer)
+            self._stems = False  # no stemmer for this language: words are compared lower-cased
+        self._ranker_class = _damped_lexrank() if algorithm == "lexrank" else TextRankSummarizer
         try:
-            self.summarizer.stop_words = get_stop_words(self.rules.name)
+            self._stop_words = frozenset(get_stop_words(self.rules.name))
         except LookupError:
-            pass  # sumy has no stop-word list for this language; rank without one
+            self._stop_words = frozenset()  # sumy has no stop-word list for this language; rank without one
+
+    def ranker(self) -> Any:
+        """A new sumy summarizer with the language's stemmer and stop words, for one call."""
+        from sumy.nlp.stemmers import Stemmer, null_stemmer
+
+        ranker = self._ranker_class(Stemmer(self.rules.name) if self._stems else null_stemmer)
+        ranker.stop_words = self._stop_words
+        return ranker
 
     def split(self, text: str) -> list[str]:
         if self.rules.splitter == "chinese":
             return split_at(_CHINESE_END, text)
         if self.rules.splitter == "punctuation":
             return split_at(_ANY_END, text)
-        return [sentence.strip() for sentence in self.segmenter.segment(text) if sentence.strip()]
+        segmenter = self._pysbd.Segmenter(language=self.rules.code, clean=False)
+        return [sentence.strip() for sentence in segmenter.segment(text) if sentence.strip()]
 
-    def summarize(self, sentences: list[str], count: int) -> list[str]:
-        """The `count` most central sentences, in their original order.
+    def as_ranked(self, sentence: str) -> str:
+        """The sentence as it is ranked: Chinese in Simplified characters, others as they are."""
+        return (self._as_ranked(sentence) if self._as_ranked else sentence).strip()
 
-        A sentence said twice ("Noted.") is ranked once: copies of one sentence
-        would otherwise make each other the most central.
-        """
+    def _document(self, ranked: list[str]) -> Any:
         from sumy.models.dom import ObjectDocumentModel, Paragraph, Sentence
 
+        return ObjectDocumentModel([Paragraph([Sentence(sentence, self.tokenizer) for sentence in ranked])])
+
+    def words(self, sentences: list[str]) -> list[list[str]]:
+        """The words each sentence is ranked on: stemmed, stop words left out, Chinese in Simplified characters."""
+        ranker = self.ranker()
+        document = self._document([self.as_ranked(sentence) for sentence in sentences])
+        return [ranker._to_words_set(sentence) for sentence in document.sentences]
+
+    def summarize(self, sentences: list[str], count: int) -> list[str]:
+        """The `count` most central sentences, in their original order and as the text wrote them.
+
+        A sentence said twice ("Noted.") is ranked once: copies of one sentence
+        would otherwise make each other the most central. So are two that are
+        one sentence in Simplified characters.
+        """
         sentences = list(dict.fromkeys(sentences))
         if len(sentences) <= count:
             return sentences
-        document = ObjectDocumentModel([Paragraph([Sentence(s, self.tokenizer) for s in sentences])])
-        words = [set(self.summarizer._to_words_set(sentence)) for sentence in document.sentences]  # as ranked
+        first: dict[str, int] = {}  # each sentence as ranked -> the first of the text's sentences it stands for
+        for index, sentence in enumerate(sentences):
+            first.setdefault(self.as_ranked(sentence), index)
+        ranker = self.ranker()
+        document = self._document(list(first))
+        words = [set(ranker._to_words_set(sentence)) for sentence in document.sentences]  # as ranked
         if not any(words[i] & words[j] for i in range(len(words)) for j in range(i + 1, len(words))):
             raise NoCommonWords()
-        chosen = {str(sentence) for sentence in self.summarizer(document, count)}
-        return [sentence for sentence in sentences if sentence in chosen][:count]
+        chosen = sorted(first[str(sentence)] for sentence in ranker(document, count))
+        return [sentences[index] for index in chosen][:count]
 
     def join(self, sentences: list[str]) -> str:
-        return self.rules.joiner.join(sentences)
+        """The summary's sentences as one text, each followed by what `_after` says."""
+        if not sentences:
+            return ""
+        return "".join(sentence + self._after(sentence) for sentence in sentences[:-1]) + sentences[-1]
+
+    def _after(self, sentence: str) -> str:
+        """A line break after a sentence that only a line break ended (a heading, a list item); else the language's
+        joiner, but a space after a sentence in Latin script (or Cyrillic...) in Chinese and Japanese.
+
+        A sentence without end punctuation was ended by a line break: the splitters end one nowhere else but at
+        the text's end, and the text's last sentence is a summary's last one too.
+        """
+        if not _ENDED.search(sentence):
+            return "\n"
+        if self.rules.joiner or not _ends_in_spaced_script(sentence):
+            return self.rules.joiner
+        return " "
+
+
+def _ends_in_spaced_script(sentence: str) -> bool:
+    """'Python is a popular language.' or 'Go 1.22!' but not '我觉得Python很有用。' or '真的吗?': whether the last
+    letter or digit is of a script written with spaces, and no full-width mark (。！」, which hold their own
+    space) ends the sentence."""
+    if unicodedata.east_asian_width(sentence[-1]) in ("W", "F"):
+        return False
+    last = _LAST_ALNUM.search(sentence)
+    return last is not None and not regex.match(rf"[{_UNSPACED}]", last.group())
+
+
+_LAST_ALNUM = regex.compile(r"[\p{L}\p{N}](?=[^\p{L}\p{N}]*$)")
 
 
 # ------------------------------------------------------------------ transformers
@@ -387,7 +473,6 @@ async def summarize(text: str, config: SummarizeConfig, bot: Any) -> str:
     return backend.join(await asyncio.to_thread(backend.summarize, sentences, count))
 
 
-_ENDED = regex.compile(r"[\p{Sentence_Terminal}…⋯]" + _CLOSERS + r"$")
 _CJK = regex.compile(r"[\p{Han}\p{Hiragana}\p{Katakana}]")
 _LETTER = regex.compile(r"\p{L}")
 

@@ -6,12 +6,16 @@ splitters (our Chinese one, pysbd, the punctuation fallback), jieba and sumy.
 
 from __future__ import annotations
 
+import asyncio
+import sys
+from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
 import pytest
 
 from chatforge.testing import FakeGenerator, make_bot
 
+from test_summarize import OFF_TOPIC_OPENING
 from test_summarize import PARAGRAPH as ENGLISH_PARAGRAPH
 from test_summarize import SENTENCES as ENGLISH_SENTENCES
 
@@ -30,6 +34,27 @@ CHINESE_SENTENCES = [
     "会议在傍晚结束，很多人说这是一次难忘的经历。",
 ]
 CHINESE_PARAGRAPH = "".join(CHINESE_SENTENCES)
+
+# The same ten sentences in Traditional characters and Taiwan's words (人工智慧, 資料, 演算法).
+TRADITIONAL_SENTENCES = [
+    "上週末，我們在杭州參加了一場學術會議。",
+    "會場設在西湖邊的一家酒店裡，來自各地的學者都到了。",
+    "午飯之後，大家在湖邊散步，聊起了各自的旅行見聞。",
+    "下午的報告從一個問題開始：「機器真的能思考嗎？」",
+    "主講人認為，人工智慧的未來發展將取決於技術、資料和人才三個方面。",
+    "他指出，大模型技術的發展讓人工智慧在語言理解上取得了突破，但也帶來了能耗和安全方面的新挑戰。",
+    "人工智慧的發展趨勢是與各行各業深度融合，醫療、教育和交通都會因人工智慧技術而改變……",
+    "然而，資料隱私、演算法偏見和就業衝擊是人工智慧未來發展必須面對的挑戰。",
+    "他建議，政府、企業和高校應當共同制定人工智慧技術的發展規範，以因應這些挑戰。",
+    "會議在傍晚結束，很多人說這是一次難忘的經歷。",
+]
+
+# A diary with 我們 in half its sentences: sumy's stop words, all Simplified, do not know 我們 (我们 is one).
+TRADITIONAL_DIARY = [
+    "上週末天氣很好。", "我們去了公園散步。", "人工智慧正在深刻改變我們的生活。", "人工智慧的發展離不開大量的資料。",
+    "資料和演算法共同推動人工智慧的進步。", "午飯我們吃了麵條。", "人工智慧也帶來了隱私和安全的挑戰。",
+    "下午我們去看了電影。", "如何治理人工智慧是各國共同面對的問題。", "晚上我們早早睡了。",
+]
 
 JAPANESE_SENTENCES = [
     "先月、私たちは京都へ旅行に行きました。",
@@ -59,6 +84,20 @@ VIETNAMESE_SENTENCES = [
 ]
 
 
+# Arabic: pysbd's splitter, sumy's stop words and nltk's Arabic stemmer.
+ARABIC_SENTENCES = [
+    "ذهبنا يوم السبت إلى المدينة بالقطار.",
+    "كان الطقس باردا لكنه مشمس.",
+    "في الفندق تناولنا فطورا لذيذا.",
+    "بعد الظهر حضرنا محاضرة في الجامعة.",
+    "تحدثت المحاضرة عن الطاقة المتجددة وحماية البيئة.",
+    "وقالت إن الطاقة المتجددة ضرورية لحماية البيئة في بلادنا.",
+    "الطاقة الشمسية وطاقة الرياح هي أهم مصادر الطاقة المتجددة.",
+    "لكن حماية البيئة تحتاج أيضا إلى شبكات كهرباء أفضل للطاقة المتجددة.",
+    "في المساء أكلنا السمك قرب الميناء.",
+]
+
+
 def pieces(summary: str, sentences: list[str], separator: str = "") -> list[str]:
     """The summary cut back into sentences of the text; fails if any part of it is not one of them."""
     picked, rest = [], summary
@@ -70,6 +109,21 @@ def pieces(summary: str, sentences: list[str], separator: str = "") -> list[str]
         assert match is not None, f"not a sentence of the text: {rest!r} (summary {summary!r})"
         picked.append(match)
         rest = rest[len(match):]
+    raise AssertionError(f"summary longer than the text: {summary!r}")
+
+
+def cut(summary: str, sentences: list[str]) -> list[tuple[str, str]]:
+    """The summary as (sentence of the text, the spacing after it); fails if any part of it is not a sentence."""
+    picked, rest = [], summary
+    for _ in range(len(sentences) + 1):  # bounded: at most one step per sentence of the text
+        if not rest:
+            return picked
+        match = max((s for s in sentences if rest.startswith(s)), key=len, default=None)
+        assert match is not None, f"not a sentence of the text: {rest!r} (summary {summary!r})"
+        rest = rest[len(match):]
+        gap = rest[:len(rest) - len(rest.lstrip())]
+        picked.append((match, gap))
+        rest = rest[len(gap):]
     raise AssertionError(f"summary longer than the text: {summary!r}")
 
 
@@ -210,8 +264,8 @@ def test_german_keeps_pysbd_and_sumys_stemmer_and_stop_words():
     from chatforge.plugins.summarize import ExtractiveSummarizer
 
     german = ExtractiveSummarizer("lexrank", "deu")
-    assert german.rules.splitter == "pysbd" and german.summarizer.stop_words  # sumy's German list
-    assert german.summarizer.stem_word("Energien") == german.summarizer.stem_word("energie")
+    assert german.rules.splitter == "pysbd" and german.ranker().stop_words  # sumy's German list
+    assert german.ranker().stem_word("Energien") == german.ranker().stem_word("energie")
     picked = pieces(make_bot().ask("/summarize " + " ".join(GERMAN_SENTENCES)), GERMAN_SENTENCES, separator=" ")
     assert_ranked(picked, GERMAN_SENTENCES, 3)
     assert sum("Energien" in s for s in picked) >= 2, picked
@@ -281,3 +335,104 @@ def test_conversation_lines_end_in_their_own_script():
              ["我们去北京", "真的吗？", "他说：“好。”", "Sounds good", "Really?!", "ありがとう", "  "]]
     assert conversation_text(turns).splitlines() == [
         "我们去北京。", "真的吗？", "他说：“好。”", "Sounds good.", "Really?!", "ありがとう。"]
+
+
+# ------------------------------------------------------------------ Traditional Chinese
+
+@pytest.mark.parametrize("sentences", [TRADITIONAL_SENTENCES, TRADITIONAL_DIARY], ids=["conference", "diary"])
+def test_traditional_chinese_is_ranked_as_its_simplified_copy_and_answered_in_traditional(sentences):
+    """sumy's Chinese stop words are Simplified, so in Traditional text 我們 was the word that linked sentences."""
+    from snownlp import SnowNLP
+
+    bot = make_bot()
+    picked = pieces(bot.ask("/summarize " + "".join(sentences)), sentences)  # the Traditional sentences
+    assert_ranked(picked, sentences, 3)
+    assert all("人工智慧" in s for s in picked), picked
+    simplified = [SnowNLP(s).han for s in sentences]
+    assert simplified != sentences
+    as_simplified = pieces(bot.ask("/summarize " + "".join(simplified)), simplified)
+    assert [sentences.index(s) for s in picked] == [simplified.index(s) for s in as_simplified]
+
+
+# ------------------------------------------------------------------ how a summary is put together
+
+@pytest.mark.parametrize("lines", [
+    ["人工智能", "机器学习", "深度学习", "人工智能与机器学习", "天气"],
+    ["Apples and pears", "Trains", "Pears and plums", "Apples, pears and plums", "The weather in May"],
+], ids=["chinese", "english"])
+def test_lines_without_punctuation_stay_lines(lines):
+    summary = make_bot().ask("/summarize " + "\n".join(lines))
+    assert len(summary.splitlines()) == 3 and all(line in lines for line in summary.splitlines()), summary
+
+
+MIXED = ("我今天学习了Python。Python is a popular language. 我觉得Python很有用。Then I had lunch. "
+         "下午我用Python写了一个机器人。The bot speaks Chinese.")
+MIXED_SENTENCES = ["我今天学习了Python。", "Python is a popular language.", "我觉得Python很有用。", "Then I had lunch.",
+                   "下午我用Python写了一个机器人。", "The bot speaks Chinese."]
+
+
+def test_a_space_follows_a_sentence_in_latin_script_and_none_a_chinese_one():
+    picked = cut(make_bot().ask(f"/summarize {MIXED}"), MIXED_SENTENCES)
+    assert len(picked) == 3, picked
+    expected = [" " if sentence.endswith(".") else "" for sentence, _ in picked[:-1]] + [""]
+    assert [gap for _, gap in picked] == expected, picked
+    assert " " in expected, f"no sentence in Latin script inside the summary: {picked}"
+
+
+# ------------------------------------------------------------------ at the same time
+
+def test_arabic_is_ranked_with_its_stemmer():
+    from chatforge.plugins.summarize import ExtractiveSummarizer
+
+    arabic = ExtractiveSummarizer("lexrank", "arabic")
+    assert arabic.rules.splitter == "pysbd" and arabic.ranker().stop_words
+    assert arabic.ranker().stem_word("للطاقة") == arabic.ranker().stem_word("الطاقة")
+    picked = pieces(make_bot().ask("/summarize " + " ".join(ARABIC_SENTENCES)), ARABIC_SENTENCES, separator=" ")
+    assert_ranked(picked, ARABIC_SENTENCES, 3)
+    assert sum("الطاقة المتجددة" in s for s in picked) >= 2, picked
+
+
+def test_arabic_words_are_stemmed_alike_in_threads_at_once():
+    """nltk's ArabicStemmer keeps the word it is stemming on itself (is_noun, is_verb...), so threads that
+    share one stem each other's words."""
+    from chatforge.plugins.summarize import ExtractiveSummarizer
+
+    arabic = ExtractiveSummarizer("lexrank", "arabic")
+    alone = arabic.words(ARABIC_SENTENCES)
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads take turns every microsecond, so a race shows in a few rounds
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            for round_ in range(10):
+                futures = [pool.submit(arabic.words, ARABIC_SENTENCES) for _ in range(8)]
+                differing = sum(future.result(timeout=60) != alone for future in futures)
+                assert differing == 0, f"round {round_}: {differing} of 8 threads stemmed differently"
+    finally:
+        sys.setswitchinterval(previous)
+
+
+def test_texts_summarized_at_the_same_time_get_the_summaries_they_get_alone():
+    """pysbd's Segmenter keeps the text it splits on itself: one per language, shared by the worker threads,
+    looked for one text's sentences in another and lost them."""
+    from chatforge.plugins.summarize import SummarizeConfig, summarize
+
+    config = SummarizeConfig()
+    texts = [ENGLISH_PARAGRAPH, " ".join(OFF_TOPIC_OPENING), " ".join(GERMAN_SENTENCES),
+             " ".join(ARABIC_SENTENCES), CHINESE_PARAGRAPH, "".join(TRADITIONAL_SENTENCES), MIXED]
+
+    async def at_once() -> list:
+        return await asyncio.gather(*[summarize(text, config, None) for text in texts * 4], return_exceptions=True)
+
+    async def main() -> None:
+        alone = [await summarize(text, config, None) for text in texts]
+        previous = sys.getswitchinterval()
+        sys.setswitchinterval(1e-5)  # threads take turns often, so a race shows in a few rounds
+        try:
+            for round_ in range(3):
+                together = await asyncio.wait_for(at_once(), timeout=120)
+                wrong = [(text[:30], got) for text, got in zip(texts * 4, together) if got != alone[texts.index(text)]]
+                assert not wrong, f"round {round_}: {len(wrong)} of {len(together)} summaries differ: {wrong[:3]}"
+        finally:
+            sys.setswitchinterval(previous)
+
+    asyncio.run(main())
