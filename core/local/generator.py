@@ -33,6 +33,7 @@ from .prompt import PromptBuilder
 if TYPE_CHECKING:  # torch is imported only once a model is wanted
     from .batching import GenerationStats
     from .kv_cache import PromptCache
+    from .lora import Adapter
 
 log = logging.getLogger("chatforge.generator")
 
@@ -40,7 +41,8 @@ class TransformersGenerator:
     """A causal language model loaded through transformers, answering on a worker thread."""
 
     def __init__(
-        self, loaded: LoadedModel, config: GeneratorConfig, history_tokens: int = 768, trim_turns: int = 10
+        self, loaded: LoadedModel, config: GeneratorConfig, history_tokens: int = 768, trim_turns: int = 10,
+        adapter: Adapter | None = None,
     ) -> None:
         import torch
 
@@ -51,11 +53,10 @@ class TransformersGenerator:
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.name = loaded.name
+        self.adapter = adapter
+        """The LoRA adapter merged into the model (`generator.adapter`), for `/stats`; None without one."""
         torch.set_num_threads(config.threads)
-        context_window = config.context_window or _declared_context(self.model, self.tokenizer)
-        self.prompts = PromptBuilder(
-            self.tokenizer, config.system_prompt, context_window, config.max_new_tokens, history_tokens, trim_turns
-        )
+        self.prompts = prompt_builder(loaded, config, history_tokens, trim_turns)
         self.stop_sequences = self.prompts.reply_stops + list(config.stop)
         self.last_stats: GenerationStats | None = None
         self.generated_tokens = 0
@@ -114,6 +115,15 @@ class TransformersGenerator:
         self.batcher.close()
         if self.prompt_cache is not None:
             self.prompt_cache.clear()
+
+
+def prompt_builder(loaded: LoadedModel, config: GeneratorConfig, history_tokens: int = 768,
+                   trim_turns: int = 10) -> PromptBuilder:
+    """The generator's PromptBuilder for this model and config; fine-tuning builds its examples with the
+    same one (core/local/finetune.py), so the model is trained on the prompts it will be given."""
+    context_window = config.context_window or _declared_context(loaded.model, loaded.tokenizer)
+    return PromptBuilder(loaded.tokenizer, config.system_prompt, context_window, config.max_new_tokens,
+                         history_tokens, trim_turns)
 
 
 SAMPLING_KEYS = ("temperature", "top_p", "top_k", "repetition_penalty")
