@@ -138,6 +138,8 @@ class SnowNLPBackend:
         self.snownlp.SnowNLP("好").sentiments  # loads the model now, not in the first chat
 
     def score(self, text: str) -> float:
+        if not text.strip():
+            return 0.0  # SnowNLP divides by the number of sentences: an empty text raised ZeroDivisionError
         return 2.0 * float(self.snownlp.SnowNLP(text).sentiments) - 1.0
 
 
@@ -161,6 +163,20 @@ class CnSentiBackend:
         return 0.0 if valence is None else normalize(valence)
 
 
+MODEL_UNSURE_BELOW = 0.8
+"""SnowNLP's review model calls plain statements opinions (会议在下午三点开始 -0.61, 他是一名老师 +0.68), so
+where the lexicon finds no sentiment word, only its clear verdicts count. Measured on the 3,657 neutral and
+3,695 polar BDCI 2019 news titles (bench/skills_quality.py's set): neutral recall 2% -> 23%, polar balanced
+accuracy 69.8% -> 63.6%."""
+
+
+def beyond(score: float, unsure: float) -> float:
+    """`score` with the band (-unsure, +unsure) taken as 0 and the rest stretched back to -1..+1."""
+    if abs(score) <= unsure:
+        return 0.0
+    return math.copysign((abs(score) - unsure) / (1.0 - unsure), score)
+
+
 class ChineseBackend:
     """The lexicon where it finds sentiment words, SnowNLP where it finds none.
 
@@ -175,7 +191,9 @@ class ChineseBackend:
 
     def score(self, text: str) -> float:
         valence = self.lexicon.valence(text)
-        return self.model.score(text) if valence is None else normalize(valence)
+        if valence is not None:
+            return normalize(valence)
+        return beyond(self.model.score(text), MODEL_UNSURE_BELOW)
 
 
 class TransformersBackend:

@@ -166,6 +166,12 @@ def test_chinese_text_gets_the_chinese_backend(bot, text, label):
     assert (float(score.strip("()")) > 0) == (label == "positive")
 
 
+@pytest.mark.parametrize("text", ["会议在下午三点开始。", "这本书有三百页。", "请把文件发给我。", "他是一名老师。"])
+def test_plain_chinese_statements_are_neutral(bot, text):
+    """SnowNLP's review model gives these -0.61 to -0.80 and +0.68: a statement is no opinion."""
+    assert ask(bot, f"/sentiment {text}").startswith("neutral"), text
+
+
 def test_a_language_without_a_backend_is_named_not_answered_neutral(bot):
     reply = ask(bot, "/sentiment Je suis très heureux aujourd'hui, merci beaucoup pour votre aide.")
     assert reply.startswith("I can't judge the sentiment of French text yet")
