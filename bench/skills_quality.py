@@ -137,6 +137,20 @@ def inews_polar() -> list[tuple[str, str, int]]:
             if label != "neutral"]
 
 
+def inews_neutral_titles() -> list[str]:
+    """The titles labelled neutral (3,657): a backend should not find an opinion in them."""
+    return [title for split in ("train", "dev", "test") for title, _, label in inews_split(split)
+            if label == "neutral" and title]
+
+
+def neutral_share(texts: list[str], labeller: "Labeller") -> dict:
+    """How many neutral texts are answered neutral (the recall of the neutral class)."""
+    start = time.perf_counter()
+    answers = [labeller(text) for text in texts]
+    return {"items": len(texts), "answered_neutral": round(answers.count("neutral") / len(texts), 3),
+            "texts_per_s": round(len(texts) / (time.perf_counter() - start), 1)}
+
+
 def chinese_sentiment_sets() -> dict[str, list[tuple[str, int]]]:
     polar = inews_polar()
     titles = [(title, label) for title, _, label in polar if title]
@@ -283,6 +297,9 @@ def chinese_sentiment() -> dict:
             labeller(items[0][0])  # loads models and dictionaries before the clock starts
             results[name][backend] = sentiment_accuracy(items, labeller)
         results[name]["chatforge_default"]["backends_used"] = skill.backends_used([text for text, _ in items])
+    neutral = inews_neutral_titles()
+    results["inews_neutral_titles"] = {backend: neutral_share(neutral, labeller)
+                                       for backend, labeller in labellers.items()}
     skill.loop.close()
     return results
 
@@ -394,6 +411,10 @@ def rows(result: dict) -> list[str]:
     for language, tasks in result.items():
         for data_set, backends in tasks.get("sentiment", {}).items():
             for backend, figures in backends.items():
+                if "accuracy" not in figures:  # a neutral set: only how often it is answered neutral
+                    lines.append(f"{language:<9} sentiment  {data_set:<28} {backend:<18} n={figures['items']} "
+                                 f"neutral={figures['answered_neutral']:.3f} {figures['texts_per_s']:.0f}/s")
+                    continue
                 lines.append(f"{language:<9} sentiment  {data_set:<28} {backend:<18} "
                              f"n={figures['items']} acc={figures['accuracy']:.3f} "
                              f"balanced={figures['balanced_accuracy']:.3f} "
