@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import re
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,9 +45,20 @@ class Detection:
         return self.confidence >= SURE
 
 
+_loading = threading.Lock()
+
+
 @functools.cache
 def _identifier() -> Any:
-    """langid's model as our own instance (about 1.5 s, once): the module-level one is langid's users' to configure."""
+    """langid's model as our own instance (about 1.5 s, once): the module-level one is langid's users' to configure.
+
+    Under a lock: skills call this from several worker threads at once, and each would build the model."""
+    with _loading:
+        return _build_identifier()
+
+
+@functools.cache
+def _build_identifier() -> Any:
     langid = require("langid.langid", "pip install langid")
     return langid.LanguageIdentifier.from_modelstring(langid.model, norm_probs=True)
 
