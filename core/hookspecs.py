@@ -56,6 +56,13 @@ def chatforge_register_memory_backends(register: Callable[..., None]) -> None:
 
 
 @hookspec
+def chatforge_register_dialogue_corpora(register: Callable[..., None]) -> None:
+    """Register dialogue corpora for `chatforge finetune --corpus NAME`: `register(name, load, description="one
+    line", licence="...")`, where `load()` returns an iterable of `chatforge.finetune_data.Dialogue`. `load` is
+    called only when the corpus is trained on, so import the data's package inside it."""
+
+
+@hookspec
 def chatforge_startup(bot: Bot, config: Any) -> None:
     """Called once the engine, generator and memory exist, before the first message."""
 

@@ -51,6 +51,7 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "sentiment": "chatforge.plugins.sentiment",
     "summarize": "chatforge.plugins.summarize",
     "translate": "chatforge.plugins.translate",
+    "dialogues": "chatforge.plugins.dialogues",
     "console": "chatforge.adapters.console",
     "discord": "chatforge.adapters.discord",
     "telegram": "chatforge.adapters.telegram",
