@@ -129,6 +129,9 @@ def stats_command(ctx: CommandContext) -> str:
         f"Waiting or in progress: {bot.queue.pending} of at most {bot.settings.limits.max_pending}.",
         f"Model: {getattr(bot.generator, 'name', '?')}.",
     ]
+    adapter = getattr(bot.generator, "adapter", None)  # the local model's LoRA adapter (generator.adapter)
+    if adapter is not None:
+        lines.append(f"Adapter: {adapter.describe()}.")
     last = _last_generation(bot.generator)
     if last:
         lines.append(last)

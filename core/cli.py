@@ -189,6 +189,8 @@ def list_plugins(settings: Settings, strict: bool) -> int:
         if info.generators:
             chosen = settings.generator.backend
             print(f"  generator backends: {', '.join(n + (' (chosen)' if n == chosen else '') for n in info.generators)}")
+            if chosen in info.generators and getattr(settings.generator, "adapter", None):
+                print(f"  adapter:  {_adapter_line(settings)}")
         if info.memory_backends:
             chosen = settings.memory.backend
             print(f"  memory backends: {', '.join(n + (' (chosen)' if n == chosen else '') for n in info.memory_backends)}")
@@ -197,6 +199,17 @@ def list_plugins(settings: Settings, strict: bool) -> int:
     for issue in issues:
         print(f"config: {issue.format(settings.filename)}", file=sys.stderr)
     return EXIT_OK
+
+
+def _adapter_line(settings: Settings) -> str:
+    """`generator.adapter` as `chatforge plugins` shows it: read from its folder and card, the model not loaded."""
+    from .local.lora import AdapterError, read_adapter  # torch-free
+
+    path = settings.resolve_path(settings.generator.adapter)
+    try:
+        return read_adapter(path).describe()
+    except AdapterError as exc:
+        return f"cannot be served: {exc}"
 
 
 def serve(settings: Settings, strict: bool, adapter_names: list[str] | None,

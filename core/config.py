@@ -174,6 +174,10 @@ class GeneratorConfig(StrictModel):
                     "runtime_quantize", 'must be "torch" for quantize "int8-dynamic" (with onnxruntime, '
                     'use quantize "int8": int8 weights in blocks, near-float32 quality)')
         return runtime
+    adapter: Optional[Annotated[str, Field(min_length=1)]] = None
+    """A LoRA adapter folder (`chatforge finetune --out`), merged into `model` as it loads; relative to the
+    config file's folder. Refused if its card says it was trained on another base or prompt format.
+    Remove the key to answer with the base model again."""
     context_window: Optional[PositiveInt] = None
     """Tokens the model sees at most; default: what the model declares."""
     system_prompt: str = (

@@ -25,8 +25,9 @@ class TransformersBackend(GeneratorBackend):
     def create(cls, config: GeneratorConfig, settings: Settings) -> TextGenerator:
         """Load the model, put it on its device in its precision, and wrap it in a generator.
 
-        The device is checked before the model is loaded, so a missing GPU is a
-        config error at once rather than after a long load.
+        The device and the adapter's folder are checked before the model is loaded, so a missing GPU or
+        adapter is a config error at once rather than after a long load. The adapter is merged in before the
+        model is prepared, so batching, cache reuse, int8 and ONNX Runtime see a plain model.
         """
         from . import numerics  # imports torch: only when a model is wanted
         from .generator import TransformersGenerator
@@ -45,11 +46,28 @@ class TransformersBackend(GeneratorBackend):
             except onnx_runtime.OnnxUnavailable as exc:
                 issue = ConfigIssue("generator.runtime", f"onnxruntime {exc}")
                 raise ConfigError(locate([issue], settings.lines), settings.filename) from None
+        adapter = None
+        if config.adapter is not None:
+            from . import lora
+
+            try:
+                adapter = lora.read_adapter(settings.resolve_path(config.adapter))  # before the slow load
+            except lora.AdapterError as exc:
+                raise _adapter_error(exc, settings) from None
         cache_dir = settings.resolve_path(config.cache_dir)
         loaded = load_model(config.model, cache_dir, fallback=config.fallback)
+        if adapter is not None:
+            try:
+                lora.apply(loaded, adapter)  # into the float32 weights, before the device, dtype, int8 or ONNX
+            except lora.AdapterError as exc:
+                raise _adapter_error(exc, settings) from None
         loaded.model = prepare_model(loaded.model, config, cache_dir)
         return TransformersGenerator(loaded, config, history_tokens=settings.memory.max_tokens,
-                                     trim_turns=trim_step(settings.memory.max_turns))
+                                     trim_turns=trim_step(settings.memory.max_turns), adapter=adapter)
+
+
+def _adapter_error(exc: Exception, settings: Settings) -> ConfigError:
+    return ConfigError(locate([ConfigIssue("generator.adapter", str(exc))], settings.lines), settings.filename)
 
 
 def prepare_model(model: Any, config: GeneratorConfig, cache_dir: Path) -> Any:
