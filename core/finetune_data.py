@@ -261,23 +261,30 @@ class Corpus:
     def load(self, limit: int | None = None) -> list[Dialogue]:
         """The corpus's dialogues (the first `limit`); a DataError, naming the corpus and plugin, if it fails."""
         where = f"corpus {self.name!r} (plugin {self.plugin!r})"
-        from .skill import SkillError
-
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+            raise DataError(f"{where}: the limit must be a positive whole number, not {limit!r}")
         try:
             produced = self.loader()
-            if produced is None or isinstance(produced, (str, bytes, dict)):
-                raise DataError(f"{where} gave {produced!r}, not an iterable of Dialogues")
-            dialogues = list(itertools.islice(produced, limit))
-        except DataError:
-            raise
-        except SkillError as exc:  # chatforge.require: a package to install
-            raise DataError(f"{where}: {exc}") from None
         except Exception as exc:  # noqa: BLE001 - the plugin's failure, told in one line
-            raise DataError(f"{where} could not be loaded: {type(exc).__name__}: {exc}") from None
+            raise _load_failure(where, exc) from None
+        if produced is None or isinstance(produced, (str, bytes, dict)) or not hasattr(produced, "__iter__"):
+            raise DataError(f"{where} gave {produced!r:.80}, not an iterable of Dialogues")
+        try:
+            dialogues = list(itertools.islice(produced, limit))  # a generator's work happens here
+        except Exception as exc:  # noqa: BLE001
+            raise _load_failure(where, exc) from None
         for dialogue in dialogues:
             if not isinstance(dialogue, Dialogue):
                 raise DataError(f"{where} gave {dialogue!r:.80}, not a Dialogue (chatforge.finetune_data.Dialogue)")
         return dialogues
+
+
+def _load_failure(where: str, exc: Exception) -> DataError:
+    from .skill import SkillError
+
+    if isinstance(exc, (DataError, SkillError)):  # a Dialogue it could not build; chatforge.require's advice
+        return DataError(f"{where}: {exc}")
+    return DataError(f"{where} could not be loaded: {type(exc).__name__}: {exc}")
 
 
 def dialogue_corpora(plugin_host: "PluginHost") -> dict[str, Corpus]:

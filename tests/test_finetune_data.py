@@ -394,6 +394,8 @@ def test_a_corpus_that_fails_to_load_or_gives_something_else_is_a_data_error():
             register("broken", broken, description="x", licence="MIT")
             register("strings", lambda: ["just text"], description="x", licence="MIT")
             register("nothing", lambda: None, description="x", licence="MIT")
+            register("one-sided", lambda: (Dialogue((Turn("user", "hello?"),)) for _ in range(3)),
+                     description="x", licence="MIT")
 
     corpora = dialogue_corpora(host_with(mine=Plugin()))
     with pytest.raises(DataError, match=r"corpus 'broken' \(plugin 'mine'\) could not be loaded: FileNotFoundError"):
@@ -402,6 +404,11 @@ def test_a_corpus_that_fails_to_load_or_gives_something_else_is_a_data_error():
         corpora["strings"].load()
     with pytest.raises(DataError, match=r"corpus 'nothing' \(plugin 'mine'\) gave None"):
         corpora["nothing"].load()
+    with pytest.raises(DataError, match=r"^corpus 'one-sided' \(plugin 'mine'\): no assistant turn"):
+        corpora["one-sided"].load()
+    for limit in (0, -1, 2.5, "3"):
+        with pytest.raises(DataError, match=f"limit must be a positive whole number, not {limit!r}"):
+            corpora["broken"].load(limit=limit)
 
 
 def test_a_corpus_needing_a_package_that_is_missing_says_what_to_install():
