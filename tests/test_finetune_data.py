@@ -433,7 +433,7 @@ def chitchat_raw() -> dict:
 
 
 @pytest.fixture(scope="module")
-def chitchat(chitchat_raw, tmp_path_factory) -> list[Dialogue]:
+def chitchat(chitchat_raw) -> list[Dialogue]:
     """Every chitchat dialogue, through the built-in plugin's own loader (on the JSON read once above)."""
     from chatforge.plugins import dialogues
 
