@@ -84,14 +84,14 @@ def detected_as(code: str) -> str:
     """The code detection gives for the language `code` names: its macrolanguage when langid knows only that
     ('cmn' Mandarin and 'yue' Cantonese -> 'zho', 'arb' -> 'ara'), else `code`. Config keys go through this,
     so `{cmn-eng: ...}` matches a text detected as Chinese."""
-    if code in _detectable():
-        return code
     iso639 = require("iso639", "pip install iso639-lang")
     try:
         macro = iso639.Lang(code).macro()
     except Exception:  # noqa: BLE001 - not a code iso639 knows: leave it as it is
         return code
-    return macro.pt3 if macro is not None and macro.pt3 in _detectable() else code
+    if macro is None:
+        return code  # most codes ('eng', 'zho'): no need to load langid (1.5 s) to know
+    return macro.pt3 if code not in _detectable() and macro.pt3 in _detectable() else code
 
 
 def rank_languages(text: str) -> list[Detection]:
