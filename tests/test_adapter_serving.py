@@ -9,6 +9,7 @@ cache reuse between turns, int8, ONNX Runtime) must keep working on the merged w
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import json
 import shutil
@@ -36,12 +37,12 @@ CARD_STEPS = 12
 CARD_PERPLEXITY = {"before": 31.25, "after": 18.5}
 
 
+@contextlib.contextmanager
 def quiet_peft():
     """peft's from_pretrained/get_peft_model warn that transformers renamed is_gradient_checkpointing."""
-    context = warnings.catch_warnings()
-    context.__enter__()
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-    return context
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
 
 
 def make_adapter(model, folder: Path, base_name: str, card: bool = True, chat_template: bool = False,
@@ -55,11 +56,8 @@ def make_adapter(model, folder: Path, base_name: str, card: bool = True, chat_te
     torch.manual_seed(seed)
     config = LoraConfig(task_type=TaskType.CAUSAL_LM, r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets,
                         fan_in_fan_out=gpt2, init_lora_weights=False)
-    quiet = quiet_peft()
-    try:
+    with quiet_peft():
         get_peft_model(copy.deepcopy(model), config).save_pretrained(folder)
-    finally:
-        quiet.__exit__(None, None, None)
     if card:
         write_card(folder, {
             "base": {"name": base_name, "fingerprint": fingerprint},
@@ -134,11 +132,8 @@ def test_the_merged_model_computes_what_the_unmerged_adapter_computes(model, req
 
     loaded = request.getfixturevalue(model)
     folder = make_adapter(loaded.model, tmp_path / "adapter", loaded.name)
-    quiet = quiet_peft()
-    try:
+    with quiet_peft():
         unmerged = PeftModel.from_pretrained(copy.deepcopy(loaded.model), folder).eval()
-    finally:
-        quiet.__exit__(None, None, None)
     merged = fresh_copy(loaded)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
