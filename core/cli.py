@@ -1,4 +1,4 @@
-"""The `chatforge` command: chat, run, plugins, config check."""
+"""The `chatforge` command: chat, run, plugins, finetune, config check."""
 
 from __future__ import annotations
 
@@ -50,6 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
                                                "one free-text handler, a README and tests that pass as generated.")
     scaffold.add_argument("name", metavar="NAME", help="plugin and command name, e.g. dice")
     scaffold.add_argument("--dir", metavar="PATH", default=".", help="where to create the NAME folder (default: here)")
+    finetune = commands.add_parser("finetune", parents=[common], help="teach the local model from dialogues (LoRA)",
+                                   description="Fine-tune the configured local model with a LoRA adapter on "
+                                               "dialogues from a JSONL file, the bot's memory or a corpus; "
+                                               "report held-out perplexity before and after.")
+    from .finetune_command import add_arguments
+
+    add_arguments(finetune)
     config = commands.add_parser("config", help="config file tools", description="Config file tools.")
     config_commands = config.add_subparsers(dest="config_command", metavar="ACTION", required=True)
     config_commands.add_parser("check", parents=[common], help="validate a config file and say where it is wrong",
@@ -70,6 +77,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return check_config(settings, strict)
         if args.command == "plugins":
             return list_plugins(settings, strict)
+        if args.command == "finetune":
+            from .finetune_command import run as finetune
+
+            return finetune(settings, args)
         if args.command == "chat":
             console = {"output": "json"} if args.json else {}
             if args.user:

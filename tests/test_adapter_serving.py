@@ -310,8 +310,6 @@ def test_an_adapter_trained_on_another_base_is_refused(tmp_path, tiny_gpt2, gpt2
             f"generator.model is {tiny_gpt2} (fingerprint {weights_fingerprint(gpt2.model)})") in message, message
 
 
-@pytest.mark.xfail(strict=True, reason="adapter_card.weights_fingerprint hashes config._name_or_path, the folder "
-                   "the base was loaded from; the same weights elsewhere get another fingerprint")
 def test_an_adapter_trained_on_the_same_base_in_another_folder_loads(tmp_path, tiny_gpt2, gpt2_adapter):
     moved = shutil.copytree(tiny_gpt2, tmp_path / "same-weights")
     generator = generator_for(tmp_path, moved, f"  adapter: {gpt2_adapter}\n")

@@ -24,11 +24,15 @@ from typing import Any
 CARD_NAME = "chatforge-adapter.json"
 CARD_FORMAT = 1
 
+MACHINE_SPECIFIC = {"_name_or_path", "transformers_version", "dtype", "torch_dtype", "chatforge_adapter"}
+"""Config entries that differ for the same weights (where they were loaded from, which library saved them)."""
+
 
 def weights_fingerprint(model: Any) -> str:
     """A short hash of the model's config and a sample of every weight: equal for the same base anywhere."""
     digest = hashlib.sha256()
-    digest.update(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
+    config = {key: value for key, value in model.config.to_dict().items() if key not in MACHINE_SPECIFIC}
+    digest.update(json.dumps(config, sort_keys=True, default=str).encode())
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().flatten()[:64].float().cpu().numpy().tobytes())

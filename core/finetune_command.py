@@ -1,0 +1,245 @@
+"""`chatforge finetune`: teach the configured local model from dialogues, with a LoRA adapter.
+
+    chatforge finetune --data chats.jsonl --out adapters/support
+    chatforge finetune --from-memory --platform telegram --out adapters/ours --max-steps 200
+    chatforge finetune --corpus chitchat --limit 500 --out adapters/chitchat
+    chatforge finetune --eval-only --adapter adapters/support --data chats.jsonl
+
+It joins the two halves: the dialogues (chatforge.finetune_data, no torch) and
+the training (chatforge.local.finetune), built with the generator's own prompt
+builder for this config, so the model learns on the prompts it will be given.
+It prints held-out perplexity before and after and a few replies side by side;
+then `generator.adapter: OUT` serves the result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, TextIO
+
+from .config import Settings
+from .finetune_data import DataError, Dialogue, dialogue_corpora, from_memory, read_jsonl, split_held_out
+from .memory import trim_step
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    data = parser.add_argument_group("data (at least one)")
+    data.add_argument("--data", action="append", metavar="FILE.jsonl", default=[],
+                      help='dialogues, one a line: {"messages": [{"role", "content"}...]} or {"prompt", "response"}')
+    data.add_argument("--from-memory", action="store_true", help="the bot's own conversations (memory.* in the config)")
+    data.add_argument("--platform", metavar="NAME", help="with --from-memory: only this platform's (e.g. telegram)")
+    data.add_argument("--chat", metavar="ID", help="with --from-memory: only this chat's")
+    data.add_argument("--corpus", action="append", metavar="NAME", default=[],
+                      help="a dialogue corpus a plugin registers (built in: chitchat)")
+    data.add_argument("--limit", type=int, metavar="N", help="with --corpus: its first N dialogues")
+    training = parser.add_argument_group("training")
+    training.add_argument("--out", metavar="DIR", help="where the adapter goes (a new folder, or the one to --resume)")
+    training.add_argument("--resume", action="store_true", help="go on with the run saved in --out")
+    training.add_argument("--max-steps", type=int, metavar="N", help="optimizer steps (default: --epochs)")
+    training.add_argument("--epochs", type=float, default=1.0, metavar="E", help="passes over the data (default 1)")
+    training.add_argument("--learning-rate", type=float, default=2e-4, metavar="LR", help="default 2e-4")
+    training.add_argument("--lora-r", type=int, default=8, metavar="R", help="LoRA rank (default 8)")
+    training.add_argument("--lora-alpha", type=int, default=16, metavar="A", help="LoRA alpha (default 16)")
+    training.add_argument("--lora-dropout", type=float, default=0.05, metavar="P", help="default 0.05")
+    training.add_argument("--batch-size", type=int, default=4, metavar="N", help="examples per micro-batch (default 4)")
+    training.add_argument("--gradient-accumulation", type=int, default=1, metavar="N",
+                          help="micro-batches per step (default 1)")
+    training.add_argument("--max-seq-length", type=int, default=512, metavar="TOKENS", help="default 512")
+    training.add_argument("--val-split", type=float, default=0.1, metavar="F",
+                          help="share of the dialogues held out to measure perplexity (default 0.1)")
+    training.add_argument("--seed", type=int, default=0, help="default 0")
+    training.add_argument("--save-every", type=int, default=50, metavar="N", help="checkpoint every N steps (default 50)")
+    training.add_argument("--threads", type=int, metavar="N", help="CPU threads (default: generator.threads)")
+    training.add_argument("--samples", type=int, default=3, metavar="N",
+                          help="held-out messages answered before and after, side by side (default 3)")
+    training.add_argument("--eval-only", action="store_true",
+                          help="train nothing: measure the base and --adapter (default: generator.adapter)")
+    training.add_argument("--adapter", metavar="DIR", help="with --eval-only: the adapter to measure")
+
+
+def run(settings: Settings, args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
+    """The command: exit 0 when trained (or measured), 2 for bad data or options, 1 when training fails."""
+    from .plugin_manager import PluginHost
+
+    problem = _usage_problem(settings, args)
+    if problem:
+        print(f"chatforge finetune: {problem}", file=err)
+        return EXIT_USAGE
+    host = PluginHost(settings)
+    host.load()
+    try:
+        dialogues = _dialogues(settings, host, args, err)
+        train_dialogues, held_out_dialogues = split_held_out(dialogues, args.val_split, args.seed)
+    except DataError as exc:
+        print(f"chatforge finetune: {exc}", file=err)
+        return EXIT_USAGE
+    print(f"chatforge finetune: {len(dialogues)} dialogues, {len(train_dialogues)} to train on, "
+          f"{len(held_out_dialogues)} held out", file=err)
+    from .local.finetune import FinetuneError
+
+    try:
+        return _train(settings, args, train_dialogues, held_out_dialogues, out, err)
+    except FinetuneError as exc:
+        print(f"chatforge finetune: {exc}", file=err)
+        return EXIT_USAGE
+
+
+def _usage_problem(settings: Settings, args: argparse.Namespace) -> str | None:
+    if settings.generator.backend != "transformers":
+        return (f"fine-tuning trains the local model, but generator.backend is {settings.generator.backend!r}; "
+                "set generator.backend: transformers (and generator.model) to fine-tune")
+    if not (args.data or args.from_memory or args.corpus):
+        return "no data: give --data FILE.jsonl, --from-memory or --corpus NAME (any of them, several at once)"
+    if (args.platform or args.chat) and not args.from_memory:
+        return "--platform and --chat choose conversations from memory: add --from-memory"
+    if args.eval_only:
+        if not (args.adapter or settings.generator.adapter):
+            return "--eval-only measures an adapter: give --adapter DIR (or set generator.adapter)"
+    elif not args.out:
+        return "--out DIR is needed: the folder the adapter is written to"
+    if args.limit is not None and args.limit < 1:
+        return f"--limit must be at least 1, not {args.limit}"
+    return None
+
+
+def _dialogues(settings: Settings, host: Any, args: argparse.Namespace, err: TextIO) -> list[Dialogue]:
+    dialogues: list[Dialogue] = []
+    for path in args.data:
+        found = read_jsonl(path)
+        print(f"chatforge finetune: {path}: {len(found)} dialogues", file=err)
+        dialogues += found
+    if args.from_memory:
+        from .app import create_memory
+
+        store = create_memory(settings, host)
+        try:
+            found = from_memory(store, settings, platform=args.platform, chat=args.chat)
+        finally:
+            store.close()
+        where = " ".join(part for part in (args.platform, args.chat) if part) or "all platforms"
+        print(f"chatforge finetune: memory ({where}): {len(found)} dialogues", file=err)
+        dialogues += found
+    if args.corpus:
+        corpora = dialogue_corpora(host)
+        for name in args.corpus:
+            if name not in corpora:
+                known = ", ".join(sorted(corpora)) or "none"
+                raise DataError(f"no corpus named {name!r}; the plugins register: {known}")
+            found = corpora[name].load(limit=args.limit)
+            print(f"chatforge finetune: corpus {name} ({corpora[name].licence}): {len(found)} dialogues", file=err)
+            dialogues += found
+    return dialogues
+
+
+def _options(args: argparse.Namespace) -> Any:
+    from .local.finetune import TrainingOptions
+
+    return TrainingOptions(max_steps=args.max_steps, epochs=args.epochs, learning_rate=args.learning_rate,
+                           lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                           batch_size=args.batch_size, gradient_accumulation=args.gradient_accumulation,
+                           max_seq_length=args.max_seq_length, seed=args.seed, save_every=args.save_every)
+
+
+def _train(settings: Settings, args: argparse.Namespace, train_dialogues: list[Dialogue],
+           held_out_dialogues: list[Dialogue], out: TextIO, err: TextIO) -> int:
+    import torch
+
+    from .local import finetune
+    from .local.generator import prompt_builder
+    from .local.model_loading import load_model
+
+    options = _options(args)  # checked before the model loads
+    config = settings.generator
+    torch.set_num_threads(args.threads or config.threads)
+    loaded = load_model(config.model, settings.resolve_path(config.cache_dir), fallback=config.fallback)
+    builder = prompt_builder(loaded, config, history_tokens=settings.memory.max_tokens,
+                             trim_turns=trim_step(settings.memory.max_turns))
+    examples = finetune.build_examples(train_dialogues, builder, loaded.tokenizer, options.max_seq_length,
+                                       max_turns=settings.memory.max_turns)
+    held_out = finetune.build_examples(held_out_dialogues, builder, loaded.tokenizer, options.max_seq_length,
+                                       max_turns=settings.memory.max_turns)
+    dropped = examples.too_long + held_out.too_long
+    print(f"chatforge finetune: {len(examples)} replies to learn, {len(held_out)} held out"
+          + (f" ({dropped} replies longer than --max-seq-length left out)" if dropped else ""), file=err)
+    prompts = finetune.sample_prompts(held_out_dialogues, args.samples)
+    before = finetune.sample_replies(loaded.model, builder, loaded.tokenizer, prompts, config.max_new_tokens)
+    if args.eval_only:
+        return _evaluate(settings, args, loaded, builder, held_out, prompts, before, out)
+
+    with _ProgressBar(err) as bar:
+        report = finetune.train(loaded, builder, examples, held_out, options, Path(args.out), resume=args.resume,
+                                on_progress=bar.update)
+    after = finetune.sample_replies(report.model, builder, loaded.tokenizer, prompts, config.max_new_tokens)
+    state = "interrupted; a usable checkpoint is saved" if report.interrupted else "done"
+    print(f"Training {state}: {report.steps_done} of {report.total_steps} steps in {report.seconds:.0f} s "
+          f"({report.seconds_per_step:.2f} s a step).", file=out)
+    _print_perplexity(report.perplexity_before, report.perplexity_after, out)
+    _print_samples(prompts, before, after, out)
+    print(f"Adapter: {report.out_dir}. Serve it with generator.adapter: {report.out_dir}"
+          + (f"; go on with --resume --out {report.out_dir}" if report.interrupted else ""), file=out)
+    return EXIT_OK
+
+
+def _evaluate(settings: Settings, args: argparse.Namespace, loaded: Any, builder: Any, held_out: Any,
+              prompts: list, before: list[str], out: TextIO) -> int:
+    """--eval-only: the base, then the adapter merged in, on the same held-out replies."""
+    from .local import finetune, lora
+
+    path = Path(args.adapter) if args.adapter else settings.resolve_path(settings.generator.adapter)
+    perplexity_before = finetune.held_out_perplexity(loaded.model, held_out, args.batch_size) if held_out else None
+    try:
+        adapter = lora.load_adapter(loaded, path)
+    except lora.AdapterError as exc:
+        raise finetune.FinetuneError(f"--adapter: {exc}") from None
+    perplexity_after = finetune.held_out_perplexity(loaded.model, held_out, args.batch_size) if held_out else None
+    after = finetune.sample_replies(loaded.model, builder, loaded.tokenizer, prompts, settings.generator.max_new_tokens)
+    print(f"Adapter {adapter.describe()}", file=out)
+    _print_perplexity(perplexity_before, perplexity_after, out)
+    _print_samples(prompts, before, after, out)
+    return EXIT_OK
+
+
+def _print_perplexity(before: float | None, after: float | None, out: TextIO) -> None:
+    if before is None or after is None:
+        print("Held-out perplexity: not measured (no held-out replies)", file=out)
+        return
+    print(f"Held-out perplexity of the replies: {before:.2f} before, {after:.2f} after "
+          f"({after / before:.2f}x)", file=out)
+
+
+def _print_samples(prompts: list, before: list[str], after: list[str], out: TextIO) -> None:
+    for prompt, old, new in zip(prompts, before, after):
+        print(f"\n  user:      {prompt.text}\n  data says: {prompt.reference}\n  before:    {old}\n  after:     {new}",
+              file=out)
+    if prompts:
+        print(file=out)
+
+
+class _ProgressBar:
+    """tqdm's bar on stderr: step, loss, seconds a step and time left (tqdm comes with transformers)."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.bar: Any = None
+
+    def __enter__(self) -> "_ProgressBar":
+        return self
+
+    def update(self, info: Any) -> None:
+        from tqdm import tqdm
+
+        if self.bar is None:
+            self.bar = tqdm(total=info.total_steps, initial=info.step - 1, file=self.stream, unit="step",
+                            dynamic_ncols=True, mininterval=0.5)
+        self.bar.n = info.step
+        self.bar.set_postfix_str(f"loss {info.loss:.3f}, lr {info.learning_rate:.1e}, "
+                                 f"{info.seconds_per_step:.2f} s/step, {info.seconds_left / 60:.1f} min left",
+                                 refresh=True)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -1,0 +1,112 @@
+"""`chatforge finetune` as a user runs it: a JSONL file in, an adapter out, served by `chatforge chat`."""
+
+from __future__ import annotations
+
+import json
+import re
+import textwrap
+from pathlib import Path
+
+import pytest
+
+TOPICS = ["the weather", "my cat", "dinner", "the news", "music", "work", "the garden", "football",
+          "books", "the sea", "coffee", "trains", "the city", "games", "birds", "tea"]
+
+
+def write_config(tmp_path: Path, tiny_gpt2: Path, model_cache: Path, adapter: Path | None = None) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(textwrap.dedent(f"""
+        generator:
+          model: {tiny_gpt2}
+          temperature: 0
+          max_new_tokens: 6
+          cache_dir: {model_cache}
+    """) + (f"  adapter: {adapter}\n" if adapter else "") + "memory:\n  path: memory.sqlite3\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def learnable_gpt2(tiny_gpt2, tmp_path_factory) -> Path:
+    """The tiny GPT-2 with its (tied) embeddings scaled up: at the random init's 0.02 scale its logits are
+    nearly flat (perplexity ~390 of 389 tokens) and no LoRA on the attention can sharpen them, as a real
+    model's trained embeddings can."""
+    import shutil
+
+    import torch
+    from transformers import GPT2LMHeadModel
+
+    folder = Path(shutil.copytree(tiny_gpt2, tmp_path_factory.mktemp("learnable") / "gpt2"))
+    model = GPT2LMHeadModel.from_pretrained(folder)
+    with torch.no_grad():
+        model.transformer.wte.weight.mul_(40.0)
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def dialogues(tmp_path) -> Path:
+    """Forty small talks in which the bot always says the same: a pattern a LoRA learns in a few steps."""
+    path = tmp_path / "talks.jsonl"
+    lines = []
+    for index in range(40):
+        topic = TOPICS[index % len(TOPICS)]
+        lines.append(json.dumps({"messages": [{"role": "user", "content": f"What do you think of {topic}?"},
+                                              {"role": "assistant", "content": "I like turtles."}]}))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def perplexities(output: str) -> tuple[float, float]:
+    match = re.search(r"Held-out perplexity of the replies: ([\d.]+) before, ([\d.]+) after", output)
+    assert match, output
+    return float(match.group(1)), float(match.group(2))
+
+
+def test_finetune_writes_an_adapter_that_lowers_perplexity_and_chat_serves_it(cli, tmp_path, learnable_gpt2,
+                                                                               model_cache, dialogues):
+    config = write_config(tmp_path, learnable_gpt2, model_cache)
+    out = tmp_path / "adapter"
+    result = cli("finetune", "--config", str(config), "--data", str(dialogues), "--out", str(out),
+                 "--max-steps", "60", "--learning-rate", "2e-2", "--batch-size", "4", "--threads", "1",
+                 "--samples", "2")
+    assert result.returncode == 0, result.stderr
+    before, after = perplexities(result.stdout)
+    assert after < before / 2, result.stdout  # the pattern is learnt, on dialogues held out from training
+    assert "Training done: 60 of 60 steps" in result.stdout
+    assert f"Serve it with generator.adapter: {out}" in result.stdout
+    assert "user:      What do you think of" in result.stdout and "after:" in result.stdout
+    assert (out / "adapter_config.json").is_file() and (out / "chatforge-adapter.json").is_file()
+    assert "36 to train on, 4 held out" in result.stderr
+    assert "Traceback" not in result.stderr
+
+    (tmp_path / "serve").mkdir()
+    served = write_config(tmp_path / "serve", learnable_gpt2, model_cache, adapter=out)
+    question = "What do you think of the weather?\n"
+    chat, plain = cli("chat", "--config", str(served), stdin=question), cli("chat", "--config", str(config), stdin=question)
+    assert chat.returncode == 0 and plain.returncode == 0, chat.stderr + plain.stderr
+    assert chat.stdout.strip() and chat.stdout != plain.stdout  # greedy: the adapter, through the normal chat path
+
+    measured = cli("finetune", "--config", str(config), "--data", str(dialogues), "--eval-only",
+                   "--adapter", str(out), "--threads", "1", "--samples", "1")
+    assert measured.returncode == 0, measured.stderr
+    assert measured.stdout.startswith(f"Adapter {out} (LoRA rank 8; 60 training steps;")
+    again_before, again_after = perplexities(measured.stdout)
+    assert again_before == pytest.approx(before, rel=1e-3) and again_after == pytest.approx(after, rel=1e-3)
+
+
+def test_bad_input_gets_a_clear_message_and_exit_2(cli, tmp_path, tiny_gpt2, model_cache):
+    config = write_config(tmp_path, tiny_gpt2, model_cache)
+    no_data = cli("finetune", "--config", str(config), "--out", str(tmp_path / "a"))
+    assert no_data.returncode == 2
+    assert "no data: give --data FILE.jsonl, --from-memory or --corpus NAME" in no_data.stderr
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "hi", "response": "hello"}\n{"messages": [{"role": "bot", "content": "x"}]}\n')
+    result = cli("finetune", "--config", str(config), "--data", str(bad), "--out", str(tmp_path / "b"))
+    assert result.returncode == 2 and f"{bad}:2:" in result.stderr and "Traceback" not in result.stderr
+
+    unknown = cli("finetune", "--config", str(config), "--corpus", "nonesuch", "--out", str(tmp_path / "c"))
+    assert unknown.returncode == 2 and "no corpus named 'nonesuch'; the plugins register: chitchat" in unknown.stderr
+
+    no_out = cli("finetune", "--config", str(config), "--data", str(bad))
+    assert no_out.returncode == 2 and "--out DIR is needed" in no_out.stderr
