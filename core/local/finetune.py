@@ -134,6 +134,9 @@ class ExampleSet(list):
     """Examples whose prompt was cut (oldest history, then the message's start) so that the reply fits."""
     too_long: int = 0
     """Replies dropped because they alone, with their end marker, exceed max_seq_length."""
+    own_system: int = 0
+    """Dialogues that came with a system prompt of their own other than the builder's (not used: the bot
+    answers with its configured one, so that is what it is trained with)."""
 
 
 @dataclass
@@ -197,6 +200,9 @@ def build_examples(dialogues: Sequence[Any], builder: PromptBuilder, tokenizer: 
     end = _end_marker(builder, tokenizer)
     for dialogue in dialogues:
         turns = list(dialogue.turns)
+        system = getattr(dialogue, "system", None)
+        if system and system.strip() != builder.system_prompt.strip():
+            examples.own_system += 1
         for i, turn in enumerate(turns):
             if turn.role != "assistant" or i == 0 or turns[i - 1].role != "user" or not turn.text.strip():
                 continue
@@ -344,11 +350,11 @@ def _nll_sum(model: Any, batch: _Batch) -> tuple[Any, Any]:
     targets = batch.labels[:, 1:]
     wanted = targets != IGNORE
     positions = wanted.any(0).nonzero().squeeze(1)
+    inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "use_cache": False}
     if _takes_logits_to_keep(model):
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                       logits_to_keep=positions).logits
+        logits = model(**inputs, logits_to_keep=positions).logits
     else:
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, positions]
+        logits = model(**inputs).logits[:, positions]
     nll = F.cross_entropy(logits.float().flatten(0, 1), targets[:, positions].flatten(), ignore_index=IGNORE,
                           reduction="sum")
     return nll, wanted.sum()
@@ -421,6 +427,7 @@ def train(loaded: LoadedModel, builder: PromptBuilder, train_examples: Sequence[
     if _has_lora(loaded.model):
         raise FinetuneError("this model already has LoRA layers; load the base model afresh to train again")
     total = total_steps(options, len(train_examples))
+    config = lora_config(loaded.model, options)  # an unknown architecture is refused before anything is measured
     if state is not None:
         _check_resumable(state, options)
         if state["step"] >= total:
@@ -445,7 +452,7 @@ def train(loaded: LoadedModel, builder: PromptBuilder, train_examples: Sequence[
                 log.warning("the training examples differ from those of the run saved in %s: it goes on with "
                             "the new ones, so it does not continue exactly", out_dir)
             run = _Run(loaded, builder, train_examples, held_out, options, out_dir, fingerprint, before, state,
-                       total)
+                       total, config)
             return run.go(interrupts, on_progress, started)
     finally:
         interrupts.restore()
@@ -456,7 +463,7 @@ class _Run:
 
     def __init__(self, loaded: LoadedModel, builder: PromptBuilder, train_examples: Sequence[Example],
                  held_out: Sequence[Example], options: TrainingOptions, out_dir: Path, fingerprint: str,
-                 before: float | None, state: dict | None, total: int) -> None:
+                 before: float | None, state: dict | None, total: int, config: Any) -> None:
         import torch
         from peft import get_peft_model, set_peft_model_state_dict
         from transformers import get_linear_schedule_with_warmup
@@ -466,7 +473,7 @@ class _Run:
         self.fingerprint, self.before = fingerprint, before
         self.total = total
         torch.manual_seed(options.seed)
-        self.config = lora_config(loaded.model, options)
+        self.config = config
         self.model = get_peft_model(loaded.model, self.config)
         self.parameters = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.parameters, lr=options.learning_rate, weight_decay=0.0)
