@@ -16,13 +16,14 @@ import subprocess
 import sys
 import textwrap
 import time
-from dataclasses import dataclass
+from types import SimpleNamespace
 from pathlib import Path
 
 import pytest
 import torch
 
 from chatforge.config import GeneratorConfig
+from chatforge.finetune_data import Dialogue
 from chatforge.local.adapter_card import CARD_NAME, read_card, weights_fingerprint
 from chatforge.local.finetune import (IGNORE, STATE_NAME, FinetuneError, TrainingOptions, _collate, _nll_sum,
                                       build_examples, held_out_perplexity, sample_prompts, sample_replies, train)
@@ -30,14 +31,6 @@ from chatforge.local.generator import TransformersGenerator, prompt_builder
 from chatforge.local.model_loading import LoadedModel, embedded_gguf_file, load_model
 from chatforge.memory import Turn
 
-try:
-    from chatforge.finetune_data import Dialogue
-except ImportError:  # the data half is written at the same time; this stand-in has its shape
-    @dataclass(frozen=True)
-    class Dialogue:  # type: ignore[no-redef]
-        turns: tuple[Turn, ...]
-        system: str | None = None
-        source: str = ""
 
 
 SYSTEM = "You are a cheerful bot."
@@ -170,10 +163,13 @@ def test_chat_template_examples_end_with_eos_and_lead_into_the_next_prompt(qwen2
 
 
 def test_an_assistant_turn_with_no_question_before_it_teaches_nothing(gpt2):
-    dialogue = Dialogue((Turn("assistant", "Welcome!"), Turn("user", "hi"), Turn("assistant", "Hello.")))
-    examples = build_examples([dialogue], builder_for(gpt2), gpt2.tokenizer, 256)
-    assert len(examples) == 1
-    assert gpt2.tokenizer.decode(examples[0].input_ids[examples[0].prompt_length:]) == " Hello.\nUser:"
+    """A Dialogue drops such turns itself; anything else with `turns` (a plugin's own records) is read alike."""
+    turns = (Turn("assistant", "Welcome!"), Turn("user", "hi"), Turn("assistant", "Hello."),
+             Turn("assistant", "  "))
+    for dialogue in (Dialogue(turns), SimpleNamespace(turns=turns)):
+        examples = build_examples([dialogue], builder_for(gpt2), gpt2.tokenizer, 256)
+        assert len(examples) == 1
+        assert gpt2.tokenizer.decode(examples[0].input_ids[examples[0].prompt_length:]) == " Hello.\nUser:"
 
 
 def test_a_dialogues_own_system_prompt_is_replaced_by_the_bots_and_counted(gpt2):
