@@ -582,6 +582,11 @@ def test_refusals_say_what_is_wrong_and_what_to_do(gpt2, tmp_path):
     changed = TrainingOptions(max_steps=4, lora_r=4, **QUICK)
     with pytest.raises(FinetuneError, match=r"trained with lora_r 8 \(now 4\); resuming needs the same options"):
         train(fresh(gpt2), builder, train_examples, held_out, changed, out, resume=True)
+    other_prompts = builder_for(gpt2, system_prompt="You are a grumpy bot.")
+    with pytest.raises(FinetuneError, match="trained on other prompts \\(the User:/Bot: transcript, system prompt "
+                                            "'You are a cheerful bot.', now .*'You are a grumpy bot.'\\); resume"):
+        train(fresh(gpt2), other_prompts, train_examples, held_out, TrainingOptions(max_steps=4, **QUICK), out,
+              resume=True)
     other_base = trainable(gpt2)  # the same architecture, other weights
     with pytest.raises(FinetuneError, match="trained on another base model"):
         train(other_base, builder, train_examples, held_out, TrainingOptions(max_steps=4, **QUICK), out,

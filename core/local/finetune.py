@@ -430,6 +430,10 @@ def train(loaded: LoadedModel, builder: PromptBuilder, train_examples: Sequence[
     config = lora_config(loaded.model, options)  # an unknown architecture is refused before anything is measured
     if state is not None:
         _check_resumable(state, options)
+        if state["prompt"] != _prompt_format(builder):
+            raise FinetuneError(f"the run in {out_dir} was trained on other prompts ({_describe(state['prompt'])}, "
+                                f"now {_describe(_prompt_format(builder))}); resume it with the same "
+                                "generator.system_prompt and model")
         if state["step"] >= total:
             raise FinetuneError(f"the run in {out_dir} has done its {state['step']} steps already; to train "
                                 f"further, resume it with more steps (max_steps above {state['step']})")
@@ -574,7 +578,7 @@ class _Run:
     def _card(self, interrupted: bool, after: float | None) -> dict[str, Any]:
         return {
             "base": {"name": self.loaded.name, "fingerprint": self.fingerprint},
-            "prompt": {"chat_template": self.builder.uses_chat_template, "system_prompt": self.builder.system_prompt},
+            "prompt": _prompt_format(self.builder),
             "training": {**dataclasses.asdict(self.options), "steps": self.step, "total_steps": self.total,
                          "interrupted": interrupted, "target_modules": sorted(self.config.target_modules),
                          "train_examples": len(self.examples), "held_out_examples": len(self.held_out),
@@ -603,6 +607,7 @@ class _Run:
         torch.save({
             "format": STATE_FORMAT, "step": self.step, "losses": list(self.losses),
             "options": dataclasses.asdict(self.options), "base": self.loaded.name, "fingerprint": self.fingerprint,
+            "prompt": _prompt_format(self.builder),
             "perplexity_before": self.before, "held_out_digest": _digest(self.held_out),
             "train_digest": _digest(self.examples),
             "adapter": {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(self.model).items()},
@@ -638,6 +643,16 @@ def _check_resumable(state: dict, options: TrainingOptions) -> None:
     if changed:
         raise FinetuneError("the saved run was trained with " + ", ".join(changed) + "; resuming needs the "
                             f"same options (only {', '.join(RESUMABLE_CHANGES)} may change)")
+
+
+def _prompt_format(builder: PromptBuilder) -> dict[str, Any]:
+    """What the card records of the prompts: serving refuses an adapter trained on other ones."""
+    return {"chat_template": builder.uses_chat_template, "system_prompt": builder.system_prompt}
+
+
+def _describe(prompt: dict[str, Any]) -> str:
+    kind = "the chat template" if prompt["chat_template"] else "the User:/Bot: transcript"
+    return f"{kind}, system prompt {prompt['system_prompt']!r}"
 
 
 def _digest(examples: Sequence[Example]) -> str:
