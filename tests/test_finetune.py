@@ -14,7 +14,6 @@ import random
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from types import SimpleNamespace
 from pathlib import Path
@@ -112,7 +111,8 @@ def test_transcript_examples_are_the_inference_prompts_with_the_reply_and_its_st
     builder = builder_for(gpt2)
     tokenizer = gpt2.tokenizer
     dialogue = Dialogue((Turn("user", "hello there"), Turn("assistant", "Oh, music! I love music."),
-                         Turn("user", "what do you\nthink of trains?"), Turn("assistant", "  Oh, trains!\nI love trains. ")),
+                         Turn("user", "what do you\nthink of trains?"),
+                         Turn("assistant", "  Oh, trains!\nI love trains. ")),
                         source="data.jsonl:1")
     examples = build_examples([dialogue], builder, tokenizer, max_seq_length=256)
     assert [example.source for example in examples] == ["data.jsonl:1#1", "data.jsonl:1#3"]
@@ -430,7 +430,8 @@ def test_an_interrupted_run_saves_a_usable_adapter_and_resumes_exactly(gpt2, tmp
     assert resumed.losses == pytest.approx(whole.losses, abs=1e-6)
     assert resumed.perplexity_before == whole.perplexity_before
     assert resumed.perplexity_after == pytest.approx(whole.perplexity_after, rel=1e-6)
-    final, expected = load_file(out / "adapter_model.safetensors"), load_file(tmp_path / "whole" / "adapter_model.safetensors")
+    final = load_file(out / "adapter_model.safetensors")
+    expected = load_file(tmp_path / "whole" / "adapter_model.safetensors")
     assert final.keys() == expected.keys()
     assert all(torch.allclose(final[name], expected[name], atol=1e-6) for name in final)
     assert read_card(out)["training"]["interrupted"] is False
@@ -595,7 +596,7 @@ def test_refusals_say_what_is_wrong_and_what_to_do(gpt2, tmp_path):
 
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / STATE_NAME).write_text("not a checkpoint")
-    with pytest.raises(FinetuneError, match="cannot be read as a chatforge training checkpoint .*; start a new run in another folder"):
+    with pytest.raises(FinetuneError, match="cannot be read as a chatforge training checkpoint .*; start a new run"):
         train(fresh(gpt2), builder, train_examples, held_out, options, tmp_path / "junk", resume=True)
 
     with pytest.raises(FinetuneError, match="no held-out examples"):
