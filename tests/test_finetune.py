@@ -302,14 +302,14 @@ def test_training_on_a_pattern_lowers_held_out_perplexity_and_saves_a_working_ad
     prompts = sample_prompts(pattern_dialogues(10, seed=2, prefix="held"), 3)
     before_replies = sample_replies(loaded.model, builder, loaded.tokenizer, prompts, 16)
     out = tmp_path / "adapter"
-    report = train(loaded, builder, train_examples, held_out, TrainingOptions(max_steps=60, **QUICK), out)
+    report = train(loaded, builder, train_examples, held_out, TrainingOptions(max_steps=90, **QUICK), out)
 
-    assert (report.steps_done, report.total_steps, report.interrupted) == (60, 60, False)
+    assert (report.steps_done, report.total_steps, report.interrupted) == (90, 90, False)
     assert report.perplexity_before == pytest.approx(held_out_perplexity(untouched, held_out, 4), rel=1e-6)
     vocabulary = len(loaded.tokenizer)
     assert report.perplexity_after < report.perplexity_before / 4, report
     assert report.perplexity_after < vocabulary / 3, report  # far better than knowing nothing
-    assert len(report.losses) == 60 and sum(report.losses[-10:]) < sum(report.losses[:10])
+    assert len(report.losses) == 90 and sum(report.losses[-10:]) < sum(report.losses[:10])
 
     assert {"adapter_config.json", "adapter_model.safetensors", CARD_NAME, STATE_NAME} <= {
         path.name for path in out.iterdir()}
@@ -320,7 +320,7 @@ def test_training_on_a_pattern_lowers_held_out_perplexity_and_saves_a_working_ad
     assert card["held_out_perplexity"] == {"before": report.perplexity_before, "after": report.perplexity_after}
     training = card["training"]
     assert (training["steps"], training["interrupted"], training["lora_r"], training["learning_rate"]) == (
-        60, False, 8, 1e-2)
+        90, False, 8, 1e-2)
 
     # The saved adapter, on a fresh copy of the base, is the model trained: unmerged and merged.
     served = load_adapter(copy.deepcopy(untouched), out)
@@ -382,16 +382,27 @@ def test_progress_reports_step_loss_schedule_and_time_left(gpt2, tmp_path):
     loaded = fresh(gpt2)
     builder, train_examples, _ = pattern_data(loaded)
     seen = []
-    options = TrainingOptions(max_steps=12, learning_rate=1e-2, warmup_steps=4, batch_size=3)
+    options = TrainingOptions(max_steps=40, learning_rate=1e-2, warmup_steps=4, batch_size=3)
     report = train(loaded, builder, train_examples, [], options, tmp_path / "adapter", on_progress=seen.append)
-    assert [info.step for info in seen] == list(range(1, 13)) and {info.total_steps for info in seen} == {12}
+    assert [info.step for info in seen] == list(range(1, 41)) and {info.total_steps for info in seen} == {40}
     assert [info.loss for info in seen] == report.losses
-    expected = [1e-2 * step / 4 if step < 4 else 1e-2 * (12 - step) / 8 for step in range(12)]
+    # Warmup to the full rate at step 4 (never a step at rate 0), then linear decay, the last step still > 0.
+    expected = [1e-2 * (step + 1) / 4 if step < 4 else 1e-2 * (40 - step) / 37 for step in range(40)]
     assert [info.learning_rate for info in seen] == pytest.approx(expected)
     assert all(info.seconds_per_step > 0 for info in seen)
-    assert seen[-1].seconds_left == 0 and seen[0].seconds_left == pytest.approx(11 * seen[0].seconds_per_step)
-    assert seen[-1].epoch == pytest.approx(12 * 3 / len(train_examples))
+    assert seen[-1].seconds_left == 0 and seen[0].seconds_left == pytest.approx(39 * seen[0].seconds_per_step)
+    assert seen[-1].epoch == pytest.approx(40 * 3 / len(train_examples))
     assert report.perplexity_before is None and report.perplexity_after is None  # no held-out set given
+
+
+def test_a_short_run_warms_up_over_a_tenth_of_it_at_most(gpt2, tmp_path):
+    """With the default 10 warmup steps, `--max-steps 3` ran at rates 0, lr/3, 2lr/3: the set rate never came."""
+    loaded = fresh(gpt2)
+    builder, train_examples, _ = pattern_data(loaded)
+    seen = []
+    train(loaded, builder, train_examples, [], TrainingOptions(max_steps=3, learning_rate=1e-2, batch_size=3),
+          tmp_path / "adapter", on_progress=seen.append)
+    assert [info.learning_rate for info in seen] == pytest.approx([1e-2, 1e-2 * 2 / 3, 1e-2 / 3])
 
 
 def run_with_interrupt_at(loaded, data, options, out, at: int | None):

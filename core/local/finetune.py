@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -391,6 +392,19 @@ def lora_config(model: Any, options: TrainingOptions) -> Any:
                       fan_in_fan_out=fan_in_fan_out)
 
 
+def warmup_for(options: TrainingOptions, total: int) -> int:
+    """The warmup steps: the option's, but at most a tenth of the run, so a short run reaches its rate."""
+    return min(options.warmup_steps, math.ceil(total / 10))
+
+
+def rate_factor(step: int, warmup: int, total: int) -> float:
+    """The share of the learning rate for the step after `step` steps: up to 1 over `warmup` steps (the first
+    step already moves: transformers' linear schedule starts at 0), then down linearly, the last step > 0."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return max(0.0, (total - step) / (total - warmup + 1))
+
+
 def total_steps(options: TrainingOptions, examples: int) -> int:
     """Optimizer steps of a run: `max_steps`, else enough for `epochs` passes over the examples."""
     per_step = options.batch_size * options.gradient_accumulation
@@ -470,7 +484,6 @@ class _Run:
                  before: float | None, state: dict | None, total: int, config: Any) -> None:
         import torch
         from peft import get_peft_model, set_peft_model_state_dict
-        from transformers import get_linear_schedule_with_warmup
 
         self.loaded, self.builder, self.options, self.out_dir = loaded, builder, options, out_dir
         self.examples, self.held_out = list(train_examples), list(held_out)
@@ -481,8 +494,8 @@ class _Run:
         self.model = get_peft_model(loaded.model, self.config)
         self.parameters = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.parameters, lr=options.learning_rate, weight_decay=0.0)
-        self.scheduler = get_linear_schedule_with_warmup(self.optimizer, min(options.warmup_steps, self.total),
-                                                         self.total)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, functools.partial(rate_factor, warmup=warmup_for(options, self.total), total=self.total))
         self.step, self.losses = 0, []
         self.orders: dict[int, list[int]] = {}
         if state is not None:
