@@ -66,8 +66,8 @@ def _build_identifier() -> Any:
 @functools.cache
 def _language(langid_code: str) -> tuple[str, str]:
     """langid's code (mostly ISO 639-1) -> (ISO 639-3 code, English name without ISO's '(macrolanguage)' notes)."""
-    language = require("iso639", "pip install iso639-lang").Lang(langid_code)
-    return language.pt3, re.sub(r"\s*\(.*\)$", "", language.name)
+    code = require("iso639", "pip install iso639-lang").Lang(langid_code).pt3
+    return code, language_name(code)
 
 
 _HAN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
@@ -124,3 +124,27 @@ def detect_language(text: str) -> Detection | None:
     """
     ranking = rank_languages(text)
     return ranking[0] if ranking else None
+
+
+def iso639_3(name_or_code: str) -> str | None:
+    """The ISO 639-3 code for an ISO 639 code or an English name ('es', 'spa', 'spanish'); None if unknown.
+
+    As detection gives it: a Chinese variety ('cmn', 'Mandarin Chinese') is 'zho' (`detected_as`).
+    """
+    iso639 = require("iso639", "pip install iso639-lang")
+    word = name_or_code.strip()
+    if not word:
+        return None
+    for candidate in dict.fromkeys((word.lower(), word.title())):  # codes are lower case, names title case
+        try:
+            code = iso639.Lang(candidate).pt3
+        except (iso639.exceptions.InvalidLanguageValue, iso639.exceptions.DeprecatedLanguageValue):
+            continue
+        if code:  # language families (ISO 639-5 only) have none
+            return detected_as(code)
+    return None
+
+
+def language_name(code: str) -> str:
+    """'ell' -> 'Modern Greek' (ISO's '(1453-)' and '(macrolanguage)' notes left out)."""
+    return re.sub(r"\s*\(.*\)$", "", require("iso639", "pip install iso639-lang").Lang(code).name)

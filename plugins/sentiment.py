@@ -32,7 +32,7 @@ from pydantic import Field, PositiveInt, field_validator
 
 from chatforge import (CommandContext, Lazy, Message, PluginConfig, SkillError, Trigger, check_length,
                        hookimpl, match_trigger, require)
-from chatforge.language import Detection, rank_languages
+from chatforge.language import Detection, iso639_3, language_name, rank_languages
 
 USAGE = "TEXT"
 
@@ -67,8 +67,6 @@ class SentimentConfig(PluginConfig):
     @classmethod
     def _keys_are_languages_their_backends_read(cls, languages: dict[str, str]) -> dict[str, str]:
         """ISO 639-3 codes as detection gives them ('cmn' -> 'zho'); a lexicon only for its own language."""
-        from chatforge.plugins.translate import iso639_3, language_name
-
         if not languages:
             raise ValueError("must name at least one language, e.g. {eng: vader, zho: chinese}")
         codes = {}
@@ -246,8 +244,6 @@ def backend_for(kind: str, model: str) -> Lazy[Any]:
 
 
 def _names(codes: list[str]) -> str:
-    from chatforge.plugins.translate import language_name
-
     names = [language_name(code) for code in codes]
     return " and ".join(names) if len(names) < 3 else ", ".join(names[:-1]) + " and " + names[-1]
 

@@ -33,7 +33,7 @@ from pydantic import PositiveFloat, PositiveInt, field_validator
 
 from chatforge import (CommandContext, Lazy, Message, PluginConfig, SkillError, Trigger, check_length,
                        hookimpl, match_trigger, require)
-from chatforge.language import Detection, detected_as, rank_languages
+from chatforge.language import Detection, iso639_3, language_name, rank_languages
 
 log = logging.getLogger("chatforge.plugins.translate")
 
@@ -48,30 +48,6 @@ Route = tuple[Literal["apertium", "transformers"], str]
 
 
 # ---------------------------------------------------------------- languages
-
-def iso639_3(name_or_code: str) -> str | None:
-    """The ISO 639-3 code for an ISO 639 code or an English name ('es', 'spa', 'spanish'); None if unknown.
-
-    As detection gives it: a Chinese variety ('cmn', 'Mandarin Chinese') is 'zho' (`detected_as`).
-    """
-    iso639 = require("iso639", "pip install iso639-lang")
-    word = name_or_code.strip()
-    if not word:
-        return None
-    for candidate in dict.fromkeys((word.lower(), word.title())):  # codes are lower case, names title case
-        try:
-            code = iso639.Lang(candidate).pt3
-        except (iso639.exceptions.InvalidLanguageValue, iso639.exceptions.DeprecatedLanguageValue):
-            continue
-        if code:  # language families (ISO 639-5 only) have none
-            return detected_as(code)
-    return None
-
-
-def language_name(code: str) -> str:
-    """'ell' -> 'Modern Greek' (ISO's '(1453-)' and '(macrolanguage)' notes left out)."""
-    return re.sub(r"\s*\(.*\)$", "", require("iso639", "pip install iso639-lang").Lang(code).name)
-
 
 def iso639_1(code: str) -> str:
     """The two-letter code where there is one (Marian model names and langid use them), else `code`."""
