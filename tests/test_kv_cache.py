@@ -77,8 +77,10 @@ def test_extra_stop_strings_and_a_regenerated_prompt_still_match(loaded):
     plain.close()
     assert with_reuse == without and other[0] == with_reuse[0]
     assert stats[0].reused_tokens == stats[0].prompt_tokens - 1  # all but the token that gives logits
-    # (the fifth turn's history no longer fits the tiny model's 256-token window: trimmed, computed afresh)
-    assert all(turn.reused_tokens > 0 for turn in stats[1:4])
+    # Every turn whose prompt continues the one before reuses its cache. (Where the history outgrows the tiny
+    # model's 256-token window it is trimmed and computed afresh; which turn that is depends on the replies.)
+    grown = [turn for before, turn in zip(stats, stats[1:]) if turn.prompt_tokens > before.prompt_tokens]
+    assert len(grown) >= 2 and all(turn.reused_tokens > 0 for turn in grown)
 
 
 def scripted_conversation(generator: TransformersGenerator, exchanges: int):
