@@ -383,6 +383,7 @@ class Engine:
             else:
                 reply = await self._generate(message, on_text)
 
+        as_produced = reply.text
         arguments = {"message": message, "reply": reply, "bot": self}
         async for plugin, new_text in self.host.aiter_call("chatforge_postprocess", arguments, timeout):
             new_text = await self._settle(plugin, "chatforge_postprocess", new_text)
@@ -393,7 +394,7 @@ class Engine:
             reply.text = split_message(reply.text, limit - 2)[0] + "\n…"
 
         if reply.remember and reply.text:
-            await self._off_loop(self._remember, message, reply)
+            await self._off_loop(self._remember, message, reply, reply.text != as_produced)
         return reply
 
     async def _settle(self, plugin: str, hook_name: str, result: Any, failed: Any = None) -> Any:
@@ -461,16 +462,21 @@ class Engine:
             text = "…"  # the model produced nothing usable; say something rather than stay silent
         return Reply(text, source="generator")
 
-    def _remember(self, message: Message, reply: Reply) -> None:
+    def _remember(self, message: Message, reply: Reply, edited: bool = False) -> None:
         """Store the question and its answer together (on a memory thread); a failure loses the turn, and
-        says so in one line, but never the reply."""
+        says so in one line, but never the reply.
+
+        The answer's meta says who wrote it (`source`) and whether a postprocess hook or the length limit
+        changed it (`edited`): fine-tuning learns only what the model itself said.
+        """
         key = self.conversation(message)
+        made = {"source": reply.source, **({"edited": True} if edited else {})}
         now = time.time()
         try:
             self.memory.add(key,
                             Turn("user", self.private(message.text), now, message.user, message.display_name,
                                  dict(message.meta)),
-                            Turn("assistant", self.private(reply.text), now, "", self.name,
+                            Turn("assistant", self.private(reply.text), now, "", self.name, made,
                                  reply_to=message.user))
             self.purge_expired()
         except Exception as exc:  # noqa: BLE001 - a full disk or a database down must not stop the reply

@@ -56,7 +56,9 @@ class Dialogue:
     Built from any turns, it keeps only what can be learnt: each turn's text stripped, empty turns dropped,
     consecutive turns of one role merged with "\\n", assistant turns before the first user turn and user turns
     after the last assistant turn dropped (nothing answers them). What remains alternates user, assistant,
-    ..., assistant; a DataError when nothing does. Only role and text are kept: no user ids, names or times.
+    ..., assistant; a DataError when nothing does. Only role and text are kept: no user ids, names or times;
+    and `meta={"learn": False}` on an assistant turn to keep as context but not to learn (a reply a plugin
+    wrote, in the bot's memory), also when only one of the turns merged into it had it.
     """
 
     turns: tuple[Turn, ...]
@@ -65,18 +67,20 @@ class Dialogue:
     """Where it came from, for messages: "data.jsonl:12", "memory:telegram/42 (7)", "corpus:chitchat/<id>"."""
 
     def __post_init__(self) -> None:
-        merged: list[list[str]] = []
+        merged: list[list[Any]] = []
         for turn in self.turns:
             if not isinstance(turn, Turn) or turn.role not in ("user", "assistant") or not isinstance(turn.text, str):
                 raise DataError(f"{turn!r} is not a chatforge.memory.Turn of a user or the assistant")
             text = turn.text.strip()
             if not text:
                 continue
+            learn = turn.meta.get("learn") is not False
             if merged and merged[-1][0] == turn.role:
                 merged[-1][1] += "\n" + text
+                merged[-1][2] = merged[-1][2] and learn
             else:
-                merged.append([turn.role, text])
-        if not any(role == "assistant" for role, _ in merged):
+                merged.append([turn.role, text, learn])
+        if not any(role == "assistant" for role, _, _ in merged):
             raise DataError("no assistant turn (nothing to learn from)")
         while merged and merged[0][0] != "user":
             merged.pop(0)
@@ -84,7 +88,9 @@ class Dialogue:
             merged.pop()
         if not merged:
             raise DataError("its assistant turns answer no user turn (the assistant speaks only before the user)")
-        object.__setattr__(self, "turns", tuple(Turn(role, text) for role, text in merged))  # type: ignore[arg-type]
+        turns = tuple(Turn(role, text, meta={} if learn or role == "user" else {"learn": False})
+                      for role, text, learn in merged)
+        object.__setattr__(self, "turns", turns)
         system = self.system.strip() if isinstance(self.system, str) else None
         object.__setattr__(self, "system", system or None)
 
@@ -223,13 +229,27 @@ def from_memory(store: "MemoryStore", settings: "Settings", platform: str | None
     for key in store.conversations(platform):
         if chat is not None and key.chat != chat:
             continue
-        turns = [Turn(turn.role, pii.redact(turn.text, kinds) if kinds else turn.text)
+        turns = [Turn(turn.role, pii.redact(turn.text, kinds) if kinds else turn.text,
+                      meta={} if _said_by_the_model(turn) else {"learn": False})
                  for turn in _every_turn(store, key) if oldest is None or turn.created_at >= oldest]
         try:
             dialogues.append(Dialogue(tuple(turns), source=f"memory:{key}"))
         except DataError:
             continue  # no reply in it (a passive chat, or only the bot's side left after a /forget)
     return dialogues
+
+
+def _said_by_the_model(turn: Turn) -> bool:
+    """A user's line, or a reply the generator wrote and nothing changed: what a model may learn to say.
+
+    Replies a plugin wrote (a skill's answer), ones a postprocess hook or the length limit changed, and the
+    "…" said when the model gave nothing are kept as context only. Lines stored before chatforge recorded
+    a reply's source count as the generator's.
+    """
+    if turn.role != "assistant":
+        return True
+    return (turn.meta.get("source", "generator") == "generator" and not turn.meta.get("edited")
+            and turn.text.strip() != "…")
 
 
 def _every_turn(store: "MemoryStore", key: "ConversationKey") -> list[Turn]:

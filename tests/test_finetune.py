@@ -172,6 +172,17 @@ def test_an_assistant_turn_with_no_question_before_it_teaches_nothing(gpt2):
         assert gpt2.tokenizer.decode(examples[0].input_ids[examples[0].prompt_length:]) == " Hello.\nUser:"
 
 
+def test_a_reply_marked_context_only_teaches_nothing_but_stays_in_the_later_prompts(gpt2):
+    """A skill's answer in the bot's memory: the model never said it, but the conversation went on after it."""
+    turns = (Turn("user", "/weather"), Turn("assistant", "Sunny, 24 degrees.", meta={"learn": False}),
+             Turn("user", "thanks!"), Turn("assistant", "You're welcome."))
+    builder = builder_for(gpt2)
+    examples = build_examples([Dialogue(turns, source="memory")], builder, gpt2.tokenizer, 256)
+    assert [example.source for example in examples] == ["memory#3"]
+    assert "Sunny, 24 degrees." in gpt2.tokenizer.decode(examples[0].input_ids[:examples[0].prompt_length])
+    assert [prompt.text for prompt in sample_prompts([Dialogue(turns)], 3)] == ["thanks!"]
+
+
 def test_a_dialogues_own_system_prompt_is_replaced_by_the_bots_and_counted(gpt2):
     """The bot answers with generator.system_prompt, so that is the one it is trained with."""
     builder = builder_for(gpt2)

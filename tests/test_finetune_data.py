@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -238,6 +239,39 @@ def test_in_a_shared_conversation_a_forgotten_member_and_the_replies_to_them_are
     assert pairs(dialogue) == [("user", "dave: good morning"), ("assistant", "echo: dave: good morning"),
                                ("user", "dave: lunch at noon?"), ("assistant", "echo: dave: lunch at noon?")]
     assert dialogue.source == "memory:test/group"
+
+
+def test_only_what_the_model_said_unchanged_is_learnt_from_memory(stored):
+    """A skill's answer, a reply a postprocess hook changed, and "…" are context for what follows, never
+    taught; nor is a reply the length limit cut."""
+    @hookimpl
+    def chatforge_handle_text(message):
+        return "It is sunny." if "weather" in message.text else None
+
+    @hookimpl
+    def chatforge_postprocess(reply):
+        return reply.text + " (edited)" if "edit me" in reply.text else None
+
+    plugins = {"weather": SimpleNamespace(chatforge_handle_text=chatforge_handle_text),
+               "editor": SimpleNamespace(chatforge_postprocess=chatforge_postprocess)}
+    bot = make_bot({"limits": {"max_reply_chars": 100}}, plugins=plugins, memory=stored())
+    try:
+        talk(bot, [("how is the weather?", {}), ("please edit me", {}), ("plain question", {}),
+                   ("long " * 40, {})])
+    finally:
+        bot.close()
+    [dialogue] = from_memory(stored(), bot.engine.settings)
+    learnt = [(turn.text[:22], turn.meta.get("learn", True)) for turn in dialogue.turns if turn.role == "assistant"]
+    assert learnt == [("It is sunny.", False), ("echo: please edit me (", False), ("echo: plain question", True),
+                      ("echo: long long long l", False)]
+
+
+def test_merged_replies_are_learnt_only_if_every_part_is():
+    turns = (Turn("user", "hi"), Turn("assistant", "a skill said this", meta={"learn": False}),
+             Turn("assistant", "then the model"), Turn("user", "ok"), Turn("assistant", "fine"))
+    dialogue = Dialogue(turns)
+    assert [(t.text, t.meta) for t in dialogue.turns] == [
+        ("hi", {}), ("a skill said this\nthen the model", {"learn": False}), ("ok", {}), ("fine", {})]
 
 
 def test_personal_data_is_redacted_by_todays_rules_even_if_stored_before_them(stored):

@@ -205,7 +205,7 @@ def build_examples(dialogues: Sequence[Any], builder: PromptBuilder, tokenizer: 
         if system and system.strip() != builder.system_prompt.strip():
             examples.own_system += 1
         for i, turn in enumerate(turns):
-            if turn.role != "assistant" or i == 0 or turns[i - 1].role != "user" or not turn.text.strip():
+            if not _to_learn(turns, i):
                 continue
             before, message = turns[:i - 1], turns[i - 1].text
             if max_turns is not None:
@@ -229,12 +229,19 @@ def sample_prompts(dialogues: Sequence[Any], count: int) -> list[SamplePrompt]:
     for dialogue in dialogues:
         turns = list(dialogue.turns)
         for i in range(1, len(turns)):
-            if turns[i].role == "assistant" and turns[i - 1].role == "user" and turns[i].text.strip():
+            if _to_learn(turns, i):
                 prompts.append(SamplePrompt(tuple(turns[:i - 1]), turns[i - 1].text, turns[i].text.strip()))
                 break
         if len(prompts) >= count:
             break
     return prompts
+
+
+def _to_learn(turns: Sequence[Turn], i: int) -> bool:
+    """Whether turn i is a reply to learn: an assistant's answer to a user, not marked context-only."""
+    turn = turns[i]
+    return (turn.role == "assistant" and i > 0 and turns[i - 1].role == "user" and bool(turn.text.strip())
+            and turn.meta.get("learn") is not False)
 
 
 def _reply_ids(builder: PromptBuilder, tokenizer: Any, reply: str) -> list[int]:
