@@ -36,6 +36,8 @@ if TYPE_CHECKING:
 ROLES = ("system", "user", "assistant")
 ERRORS_SHOWN = 5
 """Bad lines listed in one DataError: enough to see a pattern, few enough to read."""
+MEMORY_SOURCE = "memory:"
+"""How the source of a conversation from the bot's memory starts (then its key)."""
 CORPUS_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,39}$")
 
 
@@ -233,7 +235,7 @@ def from_memory(store: "MemoryStore", settings: "Settings", platform: str | None
                       meta={} if _said_by_the_model(turn) else {"learn": False})
                  for turn in _every_turn(store, key) if oldest is None or turn.created_at >= oldest]
         try:
-            dialogues.append(Dialogue(tuple(turns), source=f"memory:{key}"))
+            dialogues.append(Dialogue(tuple(turns), source=f"{MEMORY_SOURCE}{key}"))
         except DataError:
             continue  # no reply in it (a passive chat, or only the bot's side left after a /forget)
     return dialogues
@@ -350,8 +352,9 @@ def split_held_out(dialogues: list[Dialogue], fraction: float, seed: int) -> tup
     given order.
 
     Whole dialogues go to one side, chosen by a hash of the seed and the dialogue's content: the same for a
-    seed whatever the order or the other dialogues (a conversation held out stays held out as memory grows),
-    and a dialogue present twice is never on both sides.
+    seed whatever the order or the other dialogues, and a dialogue present twice is never on both sides. A
+    conversation from memory is ranked by its key instead, as its content grows with every turn: one held
+    out stays held out when it goes on (and the next run trains on data that grew meanwhile).
     """
     if not 0 < fraction < 1:
         raise DataError(f"the held-out fraction must be between 0 and 1 (exclusive), not {fraction}")
@@ -367,6 +370,9 @@ def split_held_out(dialogues: list[Dialogue], fraction: float, seed: int) -> tup
 
 
 def _rank(dialogue: Dialogue, seed: int) -> str:
-    content = json.dumps([seed, dialogue.system, [[turn.role, turn.text] for turn in dialogue.turns]],
-                         ensure_ascii=False)
+    if dialogue.source.startswith(MEMORY_SOURCE):
+        content = json.dumps([seed, dialogue.source], ensure_ascii=False)
+    else:
+        content = json.dumps([seed, dialogue.system, [[turn.role, turn.text] for turn in dialogue.turns]],
+                             ensure_ascii=False)
     return hashlib.sha256(content.encode("utf-8")).hexdigest()

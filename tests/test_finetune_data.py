@@ -578,6 +578,20 @@ def test_a_dialogue_seen_twice_falls_on_one_side():
         assert not {pairs(d)[0] for d in train} & {pairs(d)[0] for d in held}
 
 
+def test_a_conversation_from_memory_held_out_stays_held_out_as_it_goes_on(sqlite_store):
+    """Ranked by content, a conversation that grew by one turn would move to the training side half the time:
+    the next run would train on the replies it measured the last one on."""
+    settings = load_settings_from_dict({})
+    keys = [ConversationKey("telegram", str(n), None, "u") for n in range(40)]
+    for key in keys:
+        sqlite_store.add(key, Turn("user", f"hello from {key.chat}", user="u"), Turn("assistant", "hi", reply_to="u"))
+    held_before = {d.source for d in split_held_out(from_memory(sqlite_store, settings), 0.25, seed=0)[1]}
+    for key in keys:
+        sqlite_store.add(key, Turn("user", "and again", user="u"), Turn("assistant", "hi again", reply_to="u"))
+    held_after = {d.source for d in split_held_out(from_memory(sqlite_store, settings), 0.25, seed=0)[1]}
+    assert len(held_before) == 10 and held_after == held_before
+
+
 @pytest.mark.parametrize("fraction", [0.001, 0.5, 0.999])
 def test_two_dialogues_give_one_to_each_side(fraction):
     train, held = split_held_out(numbered(2), fraction, seed=3)
