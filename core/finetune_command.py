@@ -23,7 +23,10 @@ from .config import Settings
 from .finetune_data import DataError, Dialogue, dialogue_corpora, from_memory, read_jsonl, split_held_out
 from .memory import trim_step
 
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EVAL_REPLIES = 200
+"""Held-out replies measured by default: measuring all 776 replies of 30 held-out chitchat conversations took
+SmolLM2 over 15 minutes on 2 cores, longer than the training."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,56 +39,93 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--corpus", action="append", metavar="NAME", default=[],
                       help="a dialogue corpus a plugin registers (built in: chitchat)")
     data.add_argument("--limit", type=int, metavar="N", help="with --corpus: its first N dialogues")
-    training = parser.add_argument_group("training")
+    training = parser.add_argument_group(
+        "training", "Left unset, an option is the saved run's with --resume, else the default shown.")
     training.add_argument("--out", metavar="DIR", help="where the adapter goes (a new folder, or the one to --resume)")
     training.add_argument("--resume", action="store_true", help="go on with the run saved in --out")
     training.add_argument("--max-steps", type=int, metavar="N", help="optimizer steps (default: --epochs)")
-    training.add_argument("--epochs", type=float, default=1.0, metavar="E", help="passes over the data (default 1)")
-    training.add_argument("--learning-rate", type=float, default=2e-4, metavar="LR", help="default 2e-4")
-    training.add_argument("--lora-r", type=int, default=8, metavar="R", help="LoRA rank (default 8)")
-    training.add_argument("--lora-alpha", type=int, default=16, metavar="A", help="LoRA alpha (default 16)")
-    training.add_argument("--lora-dropout", type=float, default=0.05, metavar="P", help="default 0.05")
-    training.add_argument("--batch-size", type=int, default=4, metavar="N", help="examples per micro-batch (default 4)")
-    training.add_argument("--gradient-accumulation", type=int, default=1, metavar="N",
+    training.add_argument("--epochs", type=float, metavar="E", help="passes over the data (default 1)")
+    training.add_argument("--learning-rate", type=float, metavar="LR", help="default 2e-4")
+    training.add_argument("--warmup-steps", type=int, metavar="N",
+                          help="steps the rate rises over, at most a tenth of the run (default 10)")
+    training.add_argument("--lora-r", type=int, metavar="R", help="LoRA rank (default 8)")
+    training.add_argument("--lora-alpha", type=int, metavar="A", help="LoRA alpha (default 16)")
+    training.add_argument("--lora-dropout", type=float, metavar="P", help="default 0.05")
+    training.add_argument("--batch-size", type=int, metavar="N", help="examples per micro-batch (default 4)")
+    training.add_argument("--gradient-accumulation", type=int, metavar="N",
                           help="micro-batches per step (default 1)")
-    training.add_argument("--max-seq-length", type=int, default=512, metavar="TOKENS", help="default 512")
-    training.add_argument("--val-split", type=float, default=0.1, metavar="F",
-                          help="share of the dialogues held out to measure perplexity (default 0.1)")
-    training.add_argument("--seed", type=int, default=0, help="default 0")
-    training.add_argument("--save-every", type=int, default=50, metavar="N", help="checkpoint every N steps (default 50)")
-    training.add_argument("--threads", type=int, metavar="N", help="CPU threads (default: generator.threads)")
-    training.add_argument("--samples", type=int, default=3, metavar="N",
-                          help="held-out messages answered before and after, side by side (default 3)")
-    training.add_argument("--eval-only", action="store_true",
-                          help="train nothing: measure the base and --adapter (default: generator.adapter)")
-    training.add_argument("--adapter", metavar="DIR", help="with --eval-only: the adapter to measure")
+    training.add_argument("--max-seq-length", type=int, metavar="TOKENS",
+                          help="longest example; a longer one loses its oldest history first (default: the "
+                               "generator's context window, so nothing is cut that the bot would see)")
+    training.add_argument("--seed", type=int, help="default 0")
+    training.add_argument("--save-every", type=int, metavar="N", help="checkpoint every N steps (default 50)")
+    run_options = parser.add_argument_group("measuring and running")
+    run_options.add_argument("--val-split", type=float, default=0.1, metavar="F",
+                             help="share of the dialogues held out to measure perplexity (default 0.1)")
+    run_options.add_argument("--eval-replies", type=int, default=EVAL_REPLIES, metavar="N",
+                             help=f"held-out replies measured, at most, spread over the held-out dialogues "
+                                  f"(default {EVAL_REPLIES})")
+    run_options.add_argument("--samples", type=int, default=3, metavar="N",
+                             help="held-out messages answered before and after, side by side (default 3)")
+    run_options.add_argument("--threads", type=int, metavar="N", help="CPU threads (default: all the cores)")
+    run_options.add_argument("--eval-only", action="store_true",
+                             help="train nothing: measure the base and --adapter (default: generator.adapter) "
+                                  "on all the data given")
+    run_options.add_argument("--adapter", metavar="DIR", help="with --eval-only: the adapter to measure")
+
+
+TRAINING_OPTIONS = ("max_steps", "epochs", "learning_rate", "warmup_steps", "lora_r", "lora_alpha", "lora_dropout",
+                    "batch_size", "gradient_accumulation", "max_seq_length", "seed", "save_every")
+"""The TrainingOptions the command line sets (same names, with dashes)."""
 
 
 def run(settings: Settings, args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
-    """The command: exit 0 when trained (or measured), 2 for bad data or options, 1 when training fails."""
+    """The command: exit 0 when trained (or measured), 2 for bad data or options, 1 when training fails,
+    130 when Ctrl-C stopped it; each failure one line, never a traceback."""
     from .plugin_manager import PluginHost
 
     problem = _usage_problem(settings, args)
     if problem:
         print(f"chatforge finetune: {problem}", file=err)
         return EXIT_USAGE
+    from .local.finetune import FinetuneError
+
+    try:
+        options = _options(args)  # checked before any data is read or model loaded
+    except FinetuneError as exc:
+        print(f"chatforge finetune: {exc}", file=err)
+        return EXIT_USAGE
     host = PluginHost(settings)
     host.load()
     try:
         dialogues = _dialogues(settings, host, args, err)
-        train_dialogues, held_out_dialogues = split_held_out(dialogues, args.val_split, args.seed)
+        if args.eval_only:
+            train_dialogues, held_out_dialogues = [], dialogues
+        else:
+            train_dialogues, held_out_dialogues = split_held_out(dialogues, args.val_split, options.seed)
+            print(f"chatforge finetune: {len(dialogues)} dialogues, {len(train_dialogues)} to train on, "
+                  f"{len(held_out_dialogues)} held out", file=err)
     except DataError as exc:
         print(f"chatforge finetune: {exc}", file=err)
         return EXIT_USAGE
-    print(f"chatforge finetune: {len(dialogues)} dialogues, {len(train_dialogues)} to train on, "
-          f"{len(held_out_dialogues)} held out", file=err)
-    from .local.finetune import FinetuneError
-
     try:
-        return _train(settings, args, train_dialogues, held_out_dialogues, out, err)
+        return _train(settings, args, options, train_dialogues, held_out_dialogues, out, err)
     except FinetuneError as exc:
         print(f"chatforge finetune: {exc}", file=err)
         return EXIT_USAGE
+    except KeyboardInterrupt:
+        saved = args.out and not args.eval_only and Path(args.out, "training_state.pt").is_file()
+        print("chatforge finetune: stopped (Ctrl-C)"
+              + (f"; the adapter in {args.out} is saved: serve it, or go on with --resume --out {args.out}"
+                 if saved else "; nothing was trained or saved"), file=err)
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # noqa: BLE001 - out of memory, a full disk...: one line, as for every failure
+        import logging
+
+        logging.getLogger("chatforge.finetune").debug("training failed", exc_info=True)
+        print(f"chatforge finetune: training failed: {type(exc).__name__}: {exc} (-vv shows where)",
+              file=err)
+        return EXIT_FAILURE
 
 
 def _usage_problem(settings: Settings, args: argparse.Namespace) -> str | None:
@@ -136,42 +176,53 @@ def _dialogues(settings: Settings, host: Any, args: argparse.Namespace, err: Tex
 
 
 def _options(args: argparse.Namespace) -> Any:
-    from .local.finetune import TrainingOptions
+    """The options given; those left out are the saved run's with --resume (so resuming needs no repeats),
+    else TrainingOptions' defaults. max_seq_length stays None until the model says its context window."""
+    from .local.finetune import TrainingOptions, saved_options
 
-    return TrainingOptions(max_steps=args.max_steps, epochs=args.epochs, learning_rate=args.learning_rate,
-                           lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                           batch_size=args.batch_size, gradient_accumulation=args.gradient_accumulation,
-                           max_seq_length=args.max_seq_length, seed=args.seed, save_every=args.save_every)
+    given = {name: getattr(args, name) for name in TRAINING_OPTIONS if getattr(args, name) is not None}
+    saved = saved_options(Path(args.out)) if args.resume and args.out else None
+    base = {name: getattr(saved, name) for name in TRAINING_OPTIONS} if saved else {"max_seq_length": None}
+    return TrainingOptions(**{**base, **given})
 
 
-def _train(settings: Settings, args: argparse.Namespace, train_dialogues: list[Dialogue],
+def _train(settings: Settings, args: argparse.Namespace, options: Any, train_dialogues: list[Dialogue],
            held_out_dialogues: list[Dialogue], out: TextIO, err: TextIO) -> int:
+    import dataclasses
+    import os
+
     import torch
 
     from .local import finetune
     from .local.generator import prompt_builder
     from .local.model_loading import load_model
 
-    options = _options(args)  # checked before the model loads
     config = settings.generator
-    torch.set_num_threads(args.threads or config.threads)
+    torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
     loaded = load_model(config.model, settings.resolve_path(config.cache_dir), fallback=config.fallback)
     builder = prompt_builder(loaded, config, history_tokens=settings.memory.max_tokens,
                              trim_turns=trim_step(settings.memory.max_turns))
+    if options.max_seq_length is None:  # the longest prompt and reply the generator makes
+        options = dataclasses.replace(options, max_seq_length=builder.prompt_budget + config.max_new_tokens)
     examples = finetune.build_examples(train_dialogues, builder, loaded.tokenizer, options.max_seq_length,
                                        max_turns=settings.memory.max_turns)
     held_out = finetune.build_examples(held_out_dialogues, builder, loaded.tokenizer, options.max_seq_length,
                                        max_turns=settings.memory.max_turns)
-    dropped = examples.too_long + held_out.too_long
-    print(f"chatforge finetune: {len(examples)} replies to learn, {len(held_out)} held out"
-          + (f" ({dropped} replies longer than --max-seq-length left out)" if dropped else ""), file=err)
+    measured = finetune.spread(held_out, args.eval_replies)
+    sampled = f" ({len(measured)} of them measured: --eval-replies)" if len(measured) < len(held_out) else ""
+    if args.eval_only:
+        print(f"chatforge finetune: {len(held_out)} replies{sampled}", file=err)
+    else:
+        print(f"chatforge finetune: {len(examples)} replies to learn, {len(held_out)} held out{sampled}", file=err)
+    for note in _notes(examples, held_out, options.max_seq_length):
+        print(f"chatforge finetune: {note}", file=err)
     prompts = finetune.sample_prompts(held_out_dialogues, args.samples)
     before = finetune.sample_replies(loaded.model, builder, loaded.tokenizer, prompts, config.max_new_tokens)
     if args.eval_only:
-        return _evaluate(settings, args, loaded, builder, held_out, prompts, before, out)
+        return _evaluate(settings, args, options, loaded, builder, measured, prompts, before, out)
 
     with _ProgressBar(err) as bar:
-        report = finetune.train(loaded, builder, examples, held_out, options, Path(args.out), resume=args.resume,
+        report = finetune.train(loaded, builder, examples, measured, options, Path(args.out), resume=args.resume,
                                 on_progress=bar.update)
     after = finetune.sample_replies(report.model, builder, loaded.tokenizer, prompts, config.max_new_tokens)
     state = "interrupted; a usable checkpoint is saved" if report.interrupted else "done"
@@ -179,23 +230,48 @@ def _train(settings: Settings, args: argparse.Namespace, train_dialogues: list[D
           f"({report.seconds_per_step:.2f} s a step).", file=out)
     _print_perplexity(report.perplexity_before, report.perplexity_after, out)
     _print_samples(prompts, before, after, out)
-    print(f"Adapter: {report.out_dir}. Serve it with generator.adapter: {report.out_dir}"
+    print(f"Adapter: {report.out_dir}. Serve it with generator.adapter: {_config_path(settings, report.out_dir)}"
           + (f"; go on with --resume --out {report.out_dir}" if report.interrupted else ""), file=out)
     return EXIT_OK
 
 
-def _evaluate(settings: Settings, args: argparse.Namespace, loaded: Any, builder: Any, held_out: Any,
+def _notes(examples: Any, held_out: Any, max_seq_length: int) -> list[str]:
+    """What became of the replies that did not fit as they were, and system prompts not used."""
+    notes = []
+    shortened, dropped = examples.shortened + held_out.shortened, examples.too_long + held_out.too_long
+    if shortened:
+        notes.append(f"{shortened} replies had their oldest history cut to fit --max-seq-length {max_seq_length}")
+    if dropped:
+        notes.append(f"{dropped} replies longer than --max-seq-length {max_seq_length} on their own left out")
+    own = examples.own_system + held_out.own_system
+    if own:
+        notes.append(f"{own} dialogues have a system prompt of their own; they are trained with "
+                     "generator.system_prompt instead, the one the bot answers with")
+    return notes
+
+
+def _config_path(settings: Settings, folder: Path) -> str:
+    """The folder as generator.adapter names it: relative to the config file's folder where it is inside."""
+    folder = folder.resolve()
+    base = settings.source.resolve().parent if settings.source is not None else Path.cwd()
+    try:
+        return str(folder.relative_to(base))
+    except ValueError:
+        return str(folder)
+
+
+def _evaluate(settings: Settings, args: argparse.Namespace, options: Any, loaded: Any, builder: Any, held_out: Any,
               prompts: list, before: list[str], out: TextIO) -> int:
-    """--eval-only: the base, then the adapter merged in, on the same held-out replies."""
+    """--eval-only: the base, then the adapter merged in, on the same replies (all the data given)."""
     from .local import finetune, lora
 
     path = Path(args.adapter) if args.adapter else settings.resolve_path(settings.generator.adapter)
-    perplexity_before = finetune.held_out_perplexity(loaded.model, held_out, args.batch_size) if held_out else None
+    perplexity_before = finetune.held_out_perplexity(loaded.model, held_out, options.batch_size) if held_out else None
     try:
         adapter = lora.load_adapter(loaded, path)
     except lora.AdapterError as exc:
         raise finetune.FinetuneError(f"--adapter: {exc}") from None
-    perplexity_after = finetune.held_out_perplexity(loaded.model, held_out, args.batch_size) if held_out else None
+    perplexity_after = finetune.held_out_perplexity(loaded.model, held_out, options.batch_size) if held_out else None
     after = finetune.sample_replies(loaded.model, builder, loaded.tokenizer, prompts, settings.generator.max_new_tokens)
     print(f"Adapter {adapter.describe()}", file=out)
     _print_perplexity(perplexity_before, perplexity_after, out)
@@ -212,15 +288,19 @@ def _print_perplexity(before: float | None, after: float | None, out: TextIO) ->
 
 
 def _print_samples(prompts: list, before: list[str], after: list[str], out: TextIO) -> None:
+    def lines(text: str) -> str:  # a message of several lines stays in its column
+        return text.replace("\n", "\n" + " " * 13)
+
     for prompt, old, new in zip(prompts, before, after):
-        print(f"\n  user:      {prompt.text}\n  data says: {prompt.reference}\n  before:    {old}\n  after:     {new}",
-              file=out)
+        print(f"\n  user:      {lines(prompt.text)}\n  data says: {lines(prompt.reference)}\n"
+              f"  before:    {lines(old)}\n  after:     {lines(new)}", file=out)
     if prompts:
         print(file=out)
 
 
 class _ProgressBar:
-    """tqdm's bar on stderr: step, loss, seconds a step and time left (tqdm comes with transformers)."""
+    """tqdm's bar on stderr: step, seconds a step and time left (tqdm's), loss and rate (tqdm comes with
+    transformers)."""
 
     def __init__(self, stream: TextIO) -> None:
         self.stream = stream
@@ -236,9 +316,7 @@ class _ProgressBar:
             self.bar = tqdm(total=info.total_steps, initial=info.step - 1, file=self.stream, unit="step",
                             dynamic_ncols=True, mininterval=0.5)
         self.bar.n = info.step
-        self.bar.set_postfix_str(f"loss {info.loss:.3f}, lr {info.learning_rate:.1e}, "
-                                 f"{info.seconds_per_step:.2f} s/step, {info.seconds_left / 60:.1f} min left",
-                                 refresh=True)
+        self.bar.set_postfix_str(f"loss {info.loss:.3f}, lr {info.learning_rate:.1e}", refresh=True)
 
     def __exit__(self, *exc: object) -> None:
         if self.bar is not None:

@@ -610,6 +610,10 @@ def test_refusals_say_what_is_wrong_and_what_to_do(gpt2, tmp_path):
                                             "'You are a cheerful bot.', now .*'You are a grumpy bot.'\\); resume"):
         train(fresh(gpt2), other_prompts, train_examples, held_out, TrainingOptions(max_steps=4, **QUICK), out,
               resume=True)
+    with pytest.raises(FinetuneError, match="held-out replies differ from those of the run saved in .*: its "
+                                            "steps so far may have trained on them"):
+        train(fresh(gpt2), builder, train_examples, held_out[1:], TrainingOptions(max_steps=4, **QUICK), out,
+              resume=True)
     other_base = trainable(gpt2)  # the same architecture, other weights
     with pytest.raises(FinetuneError, match="trained on another base model"):
         train(other_base, builder, train_examples, held_out, TrainingOptions(max_steps=4, **QUICK), out,

@@ -91,7 +91,8 @@ class TrainingOptions:
     batch_size: int = 4
     gradient_accumulation: int = 1
     """Micro-batches of `batch_size` per optimizer step (a larger batch in the same memory)."""
-    max_seq_length: int = 512
+    max_seq_length: int | None = 512
+    """None only until a caller sets it from the model (the CLI: the generator's context window)."""
     seed: int = 0
     save_every: int = 50
     """Steps between checkpoints (0: only at the end)."""
@@ -100,7 +101,7 @@ class TrainingOptions:
     def __post_init__(self) -> None:
         at_least_one = ("lora_r", "lora_alpha", "batch_size", "gradient_accumulation", "max_seq_length")
         problems = [f"{name} must be at least 1, not {getattr(self, name)}" for name in at_least_one
-                    if getattr(self, name) < 1]
+                    if getattr(self, name) is not None and getattr(self, name) < 1]
         if self.max_steps is not None and self.max_steps < 1:
             problems.append(f"max_steps must be at least 1, not {self.max_steps}")
         if not (self.epochs > 0 and math.isfinite(self.epochs)):
@@ -271,6 +272,13 @@ def _prompt_within(builder: PromptBuilder, before: list[Turn], message: str, roo
 
 
 # ---------------------------------------------------------------------------------------------- measuring
+
+def spread(examples: Sequence[Example], count: int) -> list[Example]:
+    """At most `count` of the examples, evenly spread over them (so over all their dialogues), in order."""
+    if count >= len(examples):
+        return list(examples)
+    return [examples[(i * len(examples)) // count] for i in range(max(1, count))]
+
 
 def held_out_perplexity(model: Any, examples: Sequence[Example], batch_size: int) -> float:
     """exp(mean NLL per reply token) over the examples: how surprised the model is by the replies."""
@@ -467,8 +475,13 @@ def train(loaded: LoadedModel, builder: PromptBuilder, train_examples: Sequence[
                 raise FinetuneError(f"{out_dir} was trained on another base model ({state['base']}); resume it "
                                     "with the model it started on")
             before = None
+            if state is not None and state["held_out_digest"] != _digest(held_out):
+                raise FinetuneError(
+                    f"the held-out replies differ from those of the run saved in {out_dir}: its steps so far may "
+                    "have trained on them, so their perplexity would flatter the adapter; resume with the same "
+                    "data, held-out share and seed")
             if held_out:
-                if state is not None and state["held_out_digest"] == _digest(held_out):
+                if state is not None:
                     before = state["perplexity_before"]
                 else:
                     with interrupts.immediate():  # nothing trained yet, nothing to save
