@@ -57,6 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     training.add_argument("--max-seq-length", type=int, metavar="TOKENS",
                           help="longest example; a longer one loses its oldest history first (default: the "
                                "generator's context window, so nothing is cut that the bot would see)")
+    training.add_argument("--group-by-length", action=argparse.BooleanOptionalAction, default=None,
+                          help="batch replies of similar length together, padding less (default: on)")
     training.add_argument("--seed", type=int, help="default 0")
     training.add_argument("--save-every", type=int, metavar="N", help="checkpoint every N steps (default 50)")
     run_options = parser.add_argument_group("measuring and running")
@@ -75,7 +77,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 TRAINING_OPTIONS = ("max_steps", "epochs", "learning_rate", "warmup_steps", "lora_r", "lora_alpha", "lora_dropout",
-                    "batch_size", "gradient_accumulation", "max_seq_length", "seed", "save_every")
+                    "batch_size", "gradient_accumulation", "max_seq_length", "group_by_length", "seed", "save_every")
 """The TrainingOptions the command line sets (same names, with dashes)."""
 
 

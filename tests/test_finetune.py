@@ -371,6 +371,24 @@ def test_the_same_seed_and_data_give_the_same_losses(gpt2, tmp_path):
     assert losses(1, "c") != first
 
 
+def test_batches_group_examples_of_a_length_and_still_take_each_once_an_epoch():
+    from chatforge.local.finetune import GROUP_OF_BATCHES, epoch_order
+
+    rng = random.Random(3)
+    lengths = [rng.randint(20, 400) for _ in range(1000)]
+    grouped = epoch_order(lengths, seed=0, epoch=0, batch_size=4, group_by_length=True)
+    shuffled = epoch_order(lengths, seed=0, epoch=0, batch_size=4, group_by_length=False)
+    assert sorted(grouped) == sorted(shuffled) == list(range(1000))
+
+    def padded(order):  # the tokens the batches of 4 compute, padding included, over the real ones
+        return sum(4 * max(lengths[i] for i in order[k:k + 4]) for k in range(0, 1000, 4)) / sum(lengths)
+
+    assert padded(shuffled) > 1.4 and padded(grouped) < 1.05
+    run = GROUP_OF_BATCHES * 4  # a shuffle still: each run is a random draw, and the next epoch another
+    assert set(grouped[:run]) == set(shuffled[:run])
+    assert epoch_order(lengths, 0, 1, 4, True) != grouped and epoch_order(lengths, 0, 0, 4, True) == grouped
+
+
 def test_accumulated_micro_batches_make_the_same_step_as_one_batch(tiny_llama, tmp_path):
     """The summed NLL of all micro-batches over all their reply tokens: 2 x 2 is exactly one batch of 4."""
     from safetensors.torch import load_file
@@ -379,7 +397,9 @@ def test_accumulated_micro_batches_make_the_same_step_as_one_batch(tiny_llama, t
     for batch_size, accumulation in ((4, 1), (2, 2)):
         loaded = fresh(tiny_llama)
         builder, train_examples, _ = pattern_data(loaded)
-        options = TrainingOptions(max_steps=3, batch_size=batch_size, gradient_accumulation=accumulation, **QUICK)
+        # Grouping by length cuts batches of batch_size: with it the two would draw other examples a step.
+        options = TrainingOptions(max_steps=3, batch_size=batch_size, gradient_accumulation=accumulation,
+                                  group_by_length=False, **QUICK)
         report = train(loaded, builder, train_examples, [], options, tmp_path / f"b{batch_size}")
         results.append((report.losses, load_file(tmp_path / f"b{batch_size}" / "adapter_model.safetensors")))
     (losses_one, weights_one), (losses_two, weights_two) = results

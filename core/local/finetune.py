@@ -97,6 +97,8 @@ class TrainingOptions:
     save_every: int = 50
     """Steps between checkpoints (0: only at the end)."""
     warmup_steps: int = 10
+    group_by_length: bool = True
+    """Batch examples of similar length together (see `epoch_order`): less padding, faster steps."""
 
     def __post_init__(self) -> None:
         at_least_one = ("lora_r", "lora_alpha", "batch_size", "gradient_accumulation", "max_seq_length")
@@ -407,6 +409,31 @@ def lora_config(model: Any, options: TrainingOptions) -> Any:
                       fan_in_fan_out=fan_in_fan_out)
 
 
+GROUP_OF_BATCHES = 50
+"""With group_by_length, examples of similar length are batched together within runs of this many batches
+(transformers' "megabatches" for its `group_by_length`): a shuffle still, but with little padding."""
+
+
+def epoch_order(lengths: Sequence[int], seed: int, epoch: int, batch_size: int, group_by_length: bool) -> list[int]:
+    """The order of the examples in an epoch: a seeded shuffle; with `group_by_length`, each run of
+    GROUP_OF_BATCHES batches of it sorted by length, cut into batches, and those batches shuffled, so that a
+    batch pads its examples little (random batches of chitchat replies were 1.47-1.65 times their tokens once
+    padded, grouped ones 1.02-1.07) and the lengths of successive batches still vary at random."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(len(lengths), generator=generator).tolist()
+    if not group_by_length:
+        return order
+    run = GROUP_OF_BATCHES * batch_size
+    grouped = []
+    for start in range(0, len(order), run):
+        ranked = sorted(order[start:start + run], key=lambda i: lengths[i])
+        batches = [ranked[k:k + batch_size] for k in range(0, len(ranked), batch_size)]
+        grouped += [i for b in torch.randperm(len(batches), generator=generator).tolist() for i in batches[b]]
+    return grouped
+
+
 def warmup_for(options: TrainingOptions, total: int) -> int:
     """The warmup steps: the option's, but at most a tenth of the run, so a short run reaches its rate."""
     return min(options.warmup_steps, math.ceil(total / 10))
@@ -591,16 +618,15 @@ class _Run:
         return total / tokens
 
     def _indices(self, micro_batch: int) -> list[int]:
-        """The examples of a micro-batch: its place in a stream of seeded shuffles, one per epoch."""
-        import torch
-
+        """The examples of a micro-batch: its place in a stream of seeded orders, one per epoch."""
         size, n = self.options.batch_size, len(self.examples)
         indices = []
         for position in range(micro_batch * size, (micro_batch + 1) * size):
             epoch = position // n
             if epoch not in self.orders:
-                generator = torch.Generator().manual_seed(self.options.seed * 1_000_003 + epoch)
-                self.orders[epoch] = torch.randperm(n, generator=generator).tolist()
+                lengths = [len(example.input_ids) for example in self.examples]
+                self.orders[epoch] = epoch_order(lengths, self.options.seed, epoch, size,
+                                                 self.options.group_by_length)
             indices.append(self.orders[epoch][position % n])
         return indices
 
