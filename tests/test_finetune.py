@@ -479,6 +479,30 @@ def test_an_interrupted_run_saves_a_usable_adapter_and_resumes_exactly(gpt2, tmp
     assert read_card(out)["training"]["interrupted"] is False
 
 
+def test_a_ctrl_c_in_the_middle_of_a_step_still_resumes_exactly(gpt2, tmp_path):
+    """The cut step drew dropout masks before it was dropped: the checkpoint keeps the random state from
+    before it, so the resumed run draws them again as the uninterrupted one did."""
+    options = TrainingOptions(max_steps=6, save_every=0, batch_size=2, gradient_accumulation=2,
+                              learning_rate=1e-2, warmup_steps=2, lora_dropout=0.1)
+    builder, train_examples, held_out = pattern_data(gpt2)
+    whole = train(fresh(gpt2), builder, train_examples, [], options, tmp_path / "whole")
+
+    loaded = fresh(gpt2)
+    forwards = {"count": 0}
+
+    def ctrl_c_in_step_4(module, args):  # the second micro-batch of step 4: after its first one ran
+        forwards["count"] += 1
+        if forwards["count"] == 3 * 2 + 2:
+            raise KeyboardInterrupt
+
+    hook = loaded.model.register_forward_pre_hook(ctrl_c_in_step_4)
+    cut = train(loaded, builder, train_examples, [], options, tmp_path / "cut")
+    hook.remove()
+    assert (cut.interrupted, cut.steps_done) == (True, 3)
+    resumed = train(fresh(gpt2), builder, train_examples, [], options, tmp_path / "cut", resume=True)
+    assert resumed.losses == pytest.approx(whole.losses, abs=1e-6)
+
+
 def test_a_run_that_crashed_resumes_from_its_last_checkpoint(tiny_llama, tmp_path):
     """An error other than Ctrl-C saves nothing more: the steps since the last checkpoint are done again."""
     options = TrainingOptions(max_steps=8, save_every=3, **QUICK)

@@ -559,10 +559,12 @@ class _Run:
 
         self.model.train()
         durations: list[float] = []
+        random_state, cutting = None, False
         while self.step < self.total:
             try:
                 if interrupts.requested:
                     raise KeyboardInterrupt
+                random_state, cutting = torch.random.get_rng_state(), True
                 began = time.monotonic()
                 rate = self.scheduler.get_last_lr()[0]
                 loss = self._forward_backward()
@@ -573,6 +575,7 @@ class _Run:
                     self.optimizer.zero_grad(set_to_none=True)
                     self.step += 1
                     self.losses.append(loss)
+                    cutting = False
                 durations.append(time.monotonic() - began)
                 if on_progress is not None:
                     recent = durations[-10:]
@@ -583,7 +586,9 @@ class _Run:
                     with interrupts.deferred():
                         self._save(interrupted=False, after=None)
             except KeyboardInterrupt:
-                self.optimizer.zero_grad(set_to_none=True)  # a step cut short leaves no trace
+                if cutting:  # a step cut short leaves no trace, not even in dropout's draws
+                    self.optimizer.zero_grad(set_to_none=True)
+                    torch.random.set_rng_state(random_state)
                 break
         interrupted = self.step < self.total
         with interrupts.deferred(raise_after=False):
