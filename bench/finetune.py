@@ -3,9 +3,9 @@
 Runs the real commands, one after the other:
   1. writes --conversations conversations of the chitchat corpus (English small talk between people, MIT),
      each cut to its first --turns turns, to a JSONL file in the chat format;
-  2. `chatforge finetune --data FILE --out DIR --max-steps S` on the embedded SmolLM2-135M-Instruct: the
-     command holds a tenth of the conversations out and measures the perplexity of their replies before and
-     after training;
+  2. `chatforge finetune --data FILE --out DIR` on the embedded SmolLM2-135M-Instruct (one epoch, or
+     --max-steps): the command holds a tenth of the conversations out and measures the perplexity of their
+     replies before and after training;
   3. `chatforge chat` with `generator.adapter: DIR` answering a held-out message, and without the adapter.
 
 It prints the held-out perplexity before and after, the training time per 100 steps, the whole command's
@@ -15,8 +15,8 @@ and prints the median seconds a step of each and their ratio. Timings depend on 
 on a quiet one.
 
     .venv/bin/pip install -e '.[dialogue]'
-    .venv/bin/python bench/finetune.py [--conversations 300] [--turns 6] [--max-steps 100] [--threads 2]
-                                       [--json out.json]
+    .venv/bin/python bench/finetune.py [--conversations 300] [--turns 6] [--max-steps N] [--threads 2]
+                                       [--rounds 3] [--compare-steps 10] [--json out.json]
 """
 
 from __future__ import annotations
@@ -63,11 +63,11 @@ def write_config(path: Path, adapter: Path | None) -> None:
                     + (f"  adapter: {adapter}\n" if adapter else "") + "memory:\n  backend: memory\n")
 
 
-def finetune(config: Path, data: Path, out: Path, max_steps: int, threads: int) -> dict:
+def finetune(config: Path, data: Path, out: Path, max_steps: int | None, threads: int) -> dict:
     started = time.perf_counter()
+    steps = ["--max-steps", str(max_steps)] if max_steps else []
     result = subprocess.run([CHATFORGE, "finetune", "--config", str(config), "--data", str(data), "--out", str(out),
-                             "--max-steps", str(max_steps), "--threads", str(threads), "--samples", "3"],
-                            capture_output=True, text=True)
+                             *steps, "--threads", str(threads), "--samples", "3"], capture_output=True, text=True)
     wall = time.perf_counter() - started
     if result.returncode != 0:
         raise SystemExit(f"chatforge finetune failed (exit {result.returncode}):\n{result.stderr[-2000:]}")
@@ -135,10 +135,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--conversations", type=int, default=300)
     parser.add_argument("--turns", type=int, default=6, help="turns kept of each conversation (default 6)")
-    parser.add_argument("--max-steps", type=int, default=100)
+    parser.add_argument("--max-steps", type=int, help="default: one epoch")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--rounds", type=int, default=3, help="rounds of the batching comparison (default 3)")
-    parser.add_argument("--compare-steps", type=int, default=8, help="steps a run in the comparison (default 8)")
+    parser.add_argument("--compare-steps", type=int, default=10, help="steps a run in the comparison (default 10)")
     parser.add_argument("--no-compare", action="store_true", help="skip the batching comparison")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
