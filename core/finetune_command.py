@@ -24,9 +24,6 @@ from .finetune_data import DataError, Dialogue, dialogue_corpora, from_memory, r
 from .memory import trim_step
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
-EVAL_REPLIES = 200
-"""Held-out replies measured by default: measuring all 776 replies of 30 held-out chitchat conversations took
-SmolLM2 over 15 minutes on 2 cores, longer than the training."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -62,11 +59,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     training.add_argument("--seed", type=int, help="default 0")
     training.add_argument("--save-every", type=int, metavar="N", help="checkpoint every N steps (default 50)")
     run_options = parser.add_argument_group("measuring and running")
-    run_options.add_argument("--val-split", type=float, default=0.1, metavar="F",
+    run_options.add_argument("--val-split", type=float, metavar="F",
                              help="share of the dialogues held out to measure perplexity (default 0.1)")
-    run_options.add_argument("--eval-replies", type=int, default=EVAL_REPLIES, metavar="N",
-                             help=f"held-out replies measured, at most, spread over the held-out dialogues "
-                                  f"(default {EVAL_REPLIES})")
+    run_options.add_argument("--eval-replies", type=int, metavar="N",
+                             help="held-out replies measured, at most, spread over the held-out dialogues "
+                                  "(default 200)")
     run_options.add_argument("--samples", type=int, default=3, metavar="N",
                              help="held-out messages answered before and after, side by side (default 3)")
     run_options.add_argument("--threads", type=int, metavar="N", help="CPU threads (default: all the cores)")
@@ -77,60 +74,68 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 TRAINING_OPTIONS = ("max_steps", "epochs", "learning_rate", "warmup_steps", "lora_r", "lora_alpha", "lora_dropout",
-                    "batch_size", "gradient_accumulation", "max_seq_length", "group_by_length", "seed", "save_every")
-"""The TrainingOptions the command line sets (same names, with dashes)."""
+                    "batch_size", "gradient_accumulation", "max_seq_length", "group_by_length", "seed", "save_every",
+                    "val_split", "eval_replies")
+"""The TrainingOptions the command line sets (same names, with dashes). eval_replies defaults to 200: measuring
+all 776 replies of 30 held-out chitchat conversations took SmolLM2 over 15 minutes on 2 cores."""
 
 
-def run(settings: Settings, args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
-    """The command: exit 0 when trained (or measured), 2 for bad data or options, 1 when training fails,
-    130 when Ctrl-C stopped it; each failure one line, never a traceback."""
-    from .plugin_manager import PluginHost
-
-    problem = _usage_problem(settings, args)
-    if problem:
-        print(f"chatforge finetune: {problem}", file=err)
-        return EXIT_USAGE
+def run(settings: Settings, args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
+    """The command: exit 0 when trained (or measured), 2 for bad data or options, 1 when something fails,
+    130 when Ctrl-C stopped it; each failure one line, never a traceback. Output goes to stdout, progress
+    and messages to stderr (as they are when called, not when this module was imported)."""
+    out, err = out or sys.stdout, err or sys.stderr
     from .local.finetune import FinetuneError
+    from .local.model_loading import ModelLoadError
 
+    progress = _Progress()
     try:
+        problem = _usage_problem(settings, args)
+        if problem:
+            raise FinetuneError(problem)
         options = _options(args)  # checked before any data is read or model loaded
-    except FinetuneError as exc:
+        train_dialogues, held_out_dialogues = _split(settings, args, options, err)
+        return _train(settings, args, options, train_dialogues, held_out_dialogues, out, err, progress)
+    except (FinetuneError, DataError) as exc:
         print(f"chatforge finetune: {exc}", file=err)
         return EXIT_USAGE
-    host = PluginHost(settings)
-    host.load()
-    try:
-        dialogues = _dialogues(settings, host, args, err)
-        if args.eval_only:
-            train_dialogues, held_out_dialogues = [], dialogues
-        else:
-            train_dialogues, held_out_dialogues = split_held_out(dialogues, args.val_split, options.seed)
-            print(f"chatforge finetune: {len(dialogues)} dialogues, {len(train_dialogues)} to train on, "
-                  f"{len(held_out_dialogues)} held out", file=err)
-    except DataError as exc:
+    except ModelLoadError as exc:
         print(f"chatforge finetune: {exc}", file=err)
-        return EXIT_USAGE
-    try:
-        return _train(settings, args, options, train_dialogues, held_out_dialogues, out, err)
-    except FinetuneError as exc:
-        print(f"chatforge finetune: {exc}", file=err)
-        return EXIT_USAGE
+        return EXIT_FAILURE
     except KeyboardInterrupt:
-        saved = args.out and not args.eval_only and Path(args.out, "training_state.pt").is_file()
-        print("chatforge finetune: stopped (Ctrl-C)"
-              + (f"; the adapter in {args.out} is saved: serve it, or go on with --resume --out {args.out}"
-                 if saved else "; nothing was trained or saved"), file=err)
+        print(f"chatforge finetune: stopped (Ctrl-C); {progress.saved_state()}", file=err)
         return EXIT_INTERRUPTED
-    except Exception as exc:  # noqa: BLE001 - out of memory, a full disk...: one line, as for every failure
+    except Exception as exc:  # noqa: BLE001 - out of memory, a full disk, a database down: one line
         import logging
 
-        logging.getLogger("chatforge.finetune").debug("training failed", exc_info=True)
-        print(f"chatforge finetune: training failed: {type(exc).__name__}: {exc} (-vv shows where)",
+        logging.getLogger("chatforge.finetune").debug("fine-tuning failed", exc_info=True)
+        print(f"chatforge finetune: {progress.phase} failed: {type(exc).__name__}: {exc} (-vv shows where)",
               file=err)
         return EXIT_FAILURE
 
 
+class _Progress:
+    """How far the command got, for what to say when it is stopped."""
+
+    def __init__(self) -> None:
+        self.out_dir: Path | None = None
+        self.phase = "reading the data"
+        self.finished = False
+
+    def saved_state(self) -> str:
+        from .local.finetune import STATE_NAME
+
+        if self.out_dir is None or not (self.out_dir / STATE_NAME).is_file():
+            return "nothing was trained or saved"
+        if self.finished:
+            return f"training had finished: the adapter in {self.out_dir} is complete"
+        return f"the adapter in {self.out_dir} is saved: serve it, or go on with --resume --out {self.out_dir}"
+
+
 def _usage_problem(settings: Settings, args: argparse.Namespace) -> str | None:
+    from .local.adapter_card import CARD_NAME
+    from .local.finetune import STATE_NAME
+
     if settings.generator.backend != "transformers":
         return (f"fine-tuning trains the local model, but generator.backend is {settings.generator.backend!r}; "
                 "set generator.backend: transformers (and generator.model) to fine-tune")
@@ -138,14 +143,46 @@ def _usage_problem(settings: Settings, args: argparse.Namespace) -> str | None:
         return "no data: give --data FILE.jsonl, --from-memory or --corpus NAME (any of them, several at once)"
     if (args.platform or args.chat) and not args.from_memory:
         return "--platform and --chat choose conversations from memory: add --from-memory"
+    if args.limit is not None and not args.corpus:
+        return "--limit takes the first N dialogues of a --corpus: add --corpus NAME"
+    if args.limit is not None and args.limit < 1:
+        return f"--limit must be at least 1, not {args.limit}"
+    if args.samples < 0:
+        return f"--samples must be 0 or more, not {args.samples}"
+    if args.threads is not None and args.threads < 1:
+        return f"--threads must be at least 1, not {args.threads}"
     if args.eval_only:
         if not (args.adapter or settings.generator.adapter):
             return "--eval-only measures an adapter: give --adapter DIR (or set generator.adapter)"
-    elif not args.out:
+        if args.resume or args.out:
+            return "--eval-only trains nothing: leave out --resume and --out"
+        return None
+    if args.adapter:
+        return "--adapter names the adapter --eval-only measures; to train, give --out DIR"
+    if not args.out:
         return "--out DIR is needed: the folder the adapter is written to"
-    if args.limit is not None and args.limit < 1:
-        return f"--limit must be at least 1, not {args.limit}"
+    out_dir = Path(args.out)
+    if args.resume and not (out_dir / STATE_NAME).is_file():
+        return f"nothing to resume in {out_dir}: it has no {STATE_NAME} (start without --resume)"
+    if not args.resume and ((out_dir / STATE_NAME).is_file() or (out_dir / CARD_NAME).is_file()):
+        return f"{out_dir} already holds an adapter; choose another --out folder, or go on with --resume"
     return None
+
+
+def _split(settings: Settings, args: argparse.Namespace, options: Any, err: TextIO
+           ) -> tuple[list[Dialogue], list[Dialogue]]:
+    """(to train on, held out); with --eval-only, every dialogue is measured."""
+    from .plugin_manager import PluginHost
+
+    host = PluginHost(settings)
+    host.load()
+    dialogues = _dialogues(settings, host, args, err)
+    if args.eval_only:
+        return [], dialogues
+    train_dialogues, held_out_dialogues = split_held_out(dialogues, options.val_split, options.seed)
+    print(f"chatforge finetune: {len(dialogues)} dialogues, {len(train_dialogues)} to train on, "
+          f"{len(held_out_dialogues)} held out", file=err)
+    return train_dialogues, held_out_dialogues
 
 
 def _dialogues(settings: Settings, host: Any, args: argparse.Namespace, err: TextIO) -> list[Dialogue]:
@@ -183,13 +220,15 @@ def _options(args: argparse.Namespace) -> Any:
     from .local.finetune import TrainingOptions, saved_options
 
     given = {name: getattr(args, name) for name in TRAINING_OPTIONS if getattr(args, name) is not None}
+    if args.epochs is not None and args.max_steps is None:
+        given["max_steps"] = None  # --epochs decides the length, even where the saved run had --max-steps
     saved = saved_options(Path(args.out)) if args.resume and args.out else None
     base = {name: getattr(saved, name) for name in TRAINING_OPTIONS} if saved else {"max_seq_length": None}
     return TrainingOptions(**{**base, **given})
 
 
 def _train(settings: Settings, args: argparse.Namespace, options: Any, train_dialogues: list[Dialogue],
-           held_out_dialogues: list[Dialogue], out: TextIO, err: TextIO) -> int:
+           held_out_dialogues: list[Dialogue], out: TextIO, err: TextIO, progress: _Progress) -> int:
     import dataclasses
     import os
 
@@ -200,6 +239,7 @@ def _train(settings: Settings, args: argparse.Namespace, options: Any, train_dia
     from .local.model_loading import load_model
 
     config = settings.generator
+    progress.phase = "measuring the model"
     torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
     loaded = load_model(config.model, settings.resolve_path(config.cache_dir), fallback=config.fallback)
     builder = prompt_builder(loaded, config, history_tokens=settings.memory.max_tokens,
@@ -210,7 +250,7 @@ def _train(settings: Settings, args: argparse.Namespace, options: Any, train_dia
                                        max_turns=settings.memory.max_turns)
     held_out = finetune.build_examples(held_out_dialogues, builder, loaded.tokenizer, options.max_seq_length,
                                        max_turns=settings.memory.max_turns)
-    measured = finetune.spread(held_out, args.eval_replies)
+    measured = finetune.spread(held_out, options.eval_replies)
     sampled = f" ({len(measured)} of them measured: --eval-replies)" if len(measured) < len(held_out) else ""
     if args.eval_only:
         print(f"chatforge finetune: {len(held_out)} replies{sampled}", file=err)
@@ -223,9 +263,11 @@ def _train(settings: Settings, args: argparse.Namespace, options: Any, train_dia
     if args.eval_only:
         return _evaluate(settings, args, options, loaded, builder, measured, prompts, before, out)
 
+    progress.out_dir, progress.phase = Path(args.out), "training"
     with _ProgressBar(err) as bar:
         report = finetune.train(loaded, builder, examples, measured, options, Path(args.out), resume=args.resume,
                                 on_progress=bar.update)
+    progress.finished = not report.interrupted
     after = finetune.sample_replies(report.model, builder, loaded.tokenizer, prompts, config.max_new_tokens)
     state = "interrupted; a usable checkpoint is saved" if report.interrupted else "done"
     print(f"Training {state}: {report.steps_done} of {report.total_steps} steps in {report.seconds:.0f} s "
@@ -234,7 +276,7 @@ def _train(settings: Settings, args: argparse.Namespace, options: Any, train_dia
     _print_samples(prompts, before, after, out)
     print(f"Adapter: {report.out_dir}. Serve it with generator.adapter: {_config_path(settings, report.out_dir)}"
           + (f"; go on with --resume --out {report.out_dir}" if report.interrupted else ""), file=out)
-    return EXIT_OK
+    return EXIT_INTERRUPTED if report.interrupted else EXIT_OK
 
 
 def _notes(examples: Any, held_out: Any, max_seq_length: int) -> list[str]:
@@ -254,12 +296,13 @@ def _notes(examples: Any, held_out: Any, max_seq_length: int) -> list[str]:
 
 def _config_path(settings: Settings, folder: Path) -> str:
     """The folder as generator.adapter names it: relative to the config file's folder where it is inside."""
-    folder = folder.resolve()
-    base = settings.source.resolve().parent if settings.source is not None else Path.cwd()
+    folder = folder.absolute()
+    base = settings.source.absolute().parent if settings.source is not None else Path.cwd()
     try:
-        return str(folder.relative_to(base))
+        relative = folder.relative_to(base)
     except ValueError:
         return str(folder)
+    return str(relative) if settings.resolve_path(str(relative)).resolve() == folder.resolve() else str(folder)
 
 
 def _evaluate(settings: Settings, args: argparse.Namespace, options: Any, loaded: Any, builder: Any, held_out: Any,

@@ -388,6 +388,14 @@ def test_batches_group_examples_of_a_length_and_still_take_each_once_an_epoch():
     assert set(grouped[:run]) == set(shuffled[:run])
     assert epoch_order(lengths, 0, 1, 4, True) != grouped and epoch_order(lengths, 0, 0, 4, True) == grouped
 
+    # 1001 examples: the one short batch goes last, so every full batch is still one length group (shuffled
+    # into the middle, it shifted every batch after it across two groups).
+    more = lengths + [55]
+    uneven = epoch_order(more, seed=0, epoch=0, batch_size=4, group_by_length=True)
+    assert sorted(uneven) == list(range(1001))
+    padded_full = sum(4 * max(more[i] for i in uneven[k:k + 4]) for k in range(0, 1000, 4))
+    assert padded_full / sum(more[i] for i in uneven[:1000]) < 1.05
+
 
 def test_accumulated_micro_batches_make_the_same_step_as_one_batch(tiny_llama, tmp_path):
     """The summed NLL of all micro-batches over all their reply tokens: 2 x 2 is exactly one batch of 4."""
@@ -501,6 +509,19 @@ def test_a_ctrl_c_in_the_middle_of_a_step_still_resumes_exactly(gpt2, tmp_path):
     assert (cut.interrupted, cut.steps_done) == (True, 3)
     resumed = train(fresh(gpt2), builder, train_examples, [], options, tmp_path / "cut", resume=True)
     assert resumed.losses == pytest.approx(whole.losses, abs=1e-6)
+
+
+def test_resuming_with_held_out_replies_that_grew_measures_the_base_again(gpt2, tmp_path):
+    """A conversation from memory held out went on: new replies to measure, none ever trained on."""
+    builder, train_examples, held_out = pattern_data(gpt2)
+    out = tmp_path / "run"
+    first = train(fresh(gpt2), builder, train_examples, held_out, TrainingOptions(max_steps=2, **QUICK), out)
+    went_on = (Turn("user", "and what about volcanoes?"), Turn("assistant", "Oh, volcanoes! I love volcanoes."))
+    held_out = held_out + build_examples([Dialogue(went_on)], builder, gpt2.tokenizer, 256)
+    resumed = train(fresh(gpt2), builder, train_examples, held_out, TrainingOptions(max_steps=4, **QUICK), out,
+                    resume=True)
+    assert resumed.perplexity_before == pytest.approx(held_out_perplexity(fresh(gpt2).model, held_out, 4), rel=1e-6)
+    assert resumed.perplexity_before != first.perplexity_before and resumed.steps_done == 4
 
 
 def test_a_run_that_crashed_resumes_from_its_last_checkpoint(tiny_llama, tmp_path):
@@ -654,10 +675,10 @@ def test_refusals_say_what_is_wrong_and_what_to_do(gpt2, tmp_path):
                                             "'You are a cheerful bot.', now .*'You are a grumpy bot.'\\); resume"):
         train(fresh(gpt2), other_prompts, train_examples, held_out, TrainingOptions(max_steps=4, **QUICK), out,
               resume=True)
-    with pytest.raises(FinetuneError, match="held-out replies differ from those of the run saved in .*: its "
-                                            "steps so far may have trained on them"):
-        train(fresh(gpt2), builder, train_examples, held_out[1:], TrainingOptions(max_steps=4, **QUICK), out,
-              resume=True)
+    with pytest.raises(FinetuneError, match="some held-out replies were among the training examples of the run "
+                                            "saved in .*; resume with the same data, --val-split and --seed"):
+        train(fresh(gpt2), builder, train_examples[1:], held_out + train_examples[:1],
+              TrainingOptions(max_steps=4, **QUICK), out, resume=True)
     other_base = trainable(gpt2)  # the same architecture, other weights
     with pytest.raises(FinetuneError, match="trained on another base model"):
         train(other_base, builder, train_examples, held_out, TrainingOptions(max_steps=4, **QUICK), out,

@@ -112,6 +112,38 @@ def test_bad_input_gets_a_clear_message_and_exit_2(cli, tmp_path, tiny_gpt2, mod
     assert no_out.returncode == 2 and "--out DIR is needed" in no_out.stderr
 
 
+@pytest.mark.parametrize("arguments, message", [
+    (["--limit", "5"], "--limit takes the first N dialogues of a --corpus: add --corpus NAME"),
+    (["--eval-replies", "0"], "eval_replies must be at least 1, not 0"),
+    (["--val-split", "1.5"], "val_split must be between 0 and 1 (exclusive), not 1.5"),
+    (["--samples", "-1"], "--samples must be 0 or more, not -1"),
+    (["--threads", "0"], "--threads must be at least 1, not 0"),
+    (["--adapter", "x"], "--adapter names the adapter --eval-only measures; to train, give --out DIR"),
+    (["--resume"], "nothing to resume in "),
+])
+def test_impossible_options_are_refused_before_anything_loads(arguments, message, tmp_path, tiny_gpt2, model_cache,
+                                                              dialogues, capsys):
+    from chatforge.cli import main
+
+    config = write_config(tmp_path, tiny_gpt2, model_cache)
+    assert main(["finetune", "--config", str(config), "--data", str(dialogues), "--out", str(tmp_path / "new"),
+                 *arguments]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "loading model" not in err
+
+
+def test_a_folder_holding_an_adapter_is_refused_before_the_model_loads(tmp_path, tiny_gpt2, model_cache, dialogues,
+                                                                      capsys):
+    from chatforge.cli import main
+
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "chatforge-adapter.json").write_text("{}")
+    config = write_config(tmp_path, tiny_gpt2, model_cache)
+    assert main(["finetune", "--config", str(config), "--data", str(dialogues), "--out", str(tmp_path / "used")]) == 2
+    assert capsys.readouterr().err == (f"chatforge finetune: {tmp_path / 'used'} already holds an adapter; choose "
+                                       "another --out folder, or go on with --resume\n")
+
+
 def test_resume_needs_only_the_folder_and_goes_on_with_the_saved_options(cli, tmp_path, learnable_gpt2,
                                                                         model_cache, dialogues):
     config = write_config(tmp_path, learnable_gpt2, model_cache)
@@ -123,20 +155,21 @@ def test_resume_needs_only_the_folder_and_goes_on_with_the_saved_options(cli, tm
     assert "4 held out (3 of them measured: --eval-replies)" in first.stderr
     assert f"Serve it with generator.adapter: {out.relative_to(tmp_path)}" in first.stdout
     again = cli("finetune", "--config", str(config), "--data", str(dialogues), "--out", str(out), "--resume",
-                "--max-steps", "5", "--threads", "1", "--samples", "0", "--eval-replies", "3")
+                "--max-steps", "5", "--threads", "1", "--samples", "0")
     assert again.returncode == 0, again.stderr
     assert "Training done: 5 of 5 steps" in again.stdout
     training = json.loads((out / "chatforge-adapter.json").read_text())["training"]
-    assert (training["lora_r"], training["learning_rate"], training["warmup_steps"], training["steps"]) == (
-        4, 1e-2, 0, 5)
+    assert {key: training[key] for key in ("lora_r", "lora_alpha", "learning_rate", "warmup_steps", "seed",
+                                           "group_by_length", "eval_replies", "val_split", "steps")} == {
+        "lora_r": 4, "lora_alpha": 16, "learning_rate": 1e-2, "warmup_steps": 0, "seed": 0, "group_by_length": True,
+        "eval_replies": 3, "val_split": 0.1, "steps": 5}
+    context = json.loads((learnable_gpt2 / "config.json").read_text())["n_positions"]
+    assert training["max_seq_length"] == context  # the model's context window: no prompt cut the bot would see
 
     changed = cli("finetune", "--config", str(config), "--data", str(dialogues), "--out", str(out), "--resume",
-                  "--max-steps", "7", "--lora-r", "8", "--threads", "1", "--samples", "0", "--eval-replies", "3")
-    assert changed.returncode == 2 and "trained with lora_r 4 (now 8)" in changed.stderr
-    other_split = cli("finetune", "--config", str(config), "--data", str(dialogues), "--out", str(out), "--resume",
-                      "--max-steps", "7", "--val-split", "0.3", "--threads", "1", "--samples", "0")
-    assert other_split.returncode == 2 and "held-out replies differ" in other_split.stderr
-    assert "Traceback" not in changed.stderr + other_split.stderr
+                  "--max-steps", "7", "--lora-r", "8", "--val-split", "0.3", "--threads", "1", "--samples", "0")
+    assert changed.returncode == 2 and "trained with lora_r 4 (now 8), val_split 0.1 (now 0.3)" in changed.stderr
+    assert "Traceback" not in changed.stderr
 
     measured = cli("finetune", "--config", str(config), "--data", str(dialogues), "--eval-only", "--adapter", str(out),
                    "--threads", "1", "--samples", "0")
@@ -144,10 +177,12 @@ def test_resume_needs_only_the_folder_and_goes_on_with_the_saved_options(cli, tm
     assert "chatforge finetune: 40 replies\n" in measured.stderr  # all the data, not a held-out tenth
 
 
-def test_ctrl_c_and_failures_outside_the_loop_end_with_one_line_and_their_exit_code(tmp_path, tiny_gpt2, model_cache,
-                                                                                   dialogues, monkeypatch, capsys):
+def test_ctrl_c_and_failures_end_with_one_line_and_their_exit_code(tmp_path, tiny_gpt2, model_cache, dialogues,
+                                                                   monkeypatch, capsys):
     """Ctrl-C while the replies before training are sampled: nothing is saved, and it says so (exit 130, not
-    0 as before); a failure inside training, such as running out of memory, is one line with exit 1."""
+    0 as before); Ctrl-C in the loop: a checkpoint, and 130 too; a failure inside training, such as running
+    out of memory, is one line with exit 1."""
+    from chatforge import finetune_command
     from chatforge.cli import main
     from chatforge.local import finetune
 
@@ -161,6 +196,18 @@ def test_ctrl_c_and_failures_outside_the_loop_end_with_one_line_and_their_exit_c
     monkeypatch.setattr(finetune, "sample_replies", interrupted)
     assert main(arguments) == 130
     assert capsys.readouterr().err.endswith("chatforge finetune: stopped (Ctrl-C); nothing was trained or saved\n")
+
+    def ctrl_c_at_step_1(bar, info):  # Ctrl-C in the loop: train() saves and reports an interrupted run
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(finetune, "sample_replies", lambda *args, **kwargs: [])
+    monkeypatch.setattr(finetune_command._ProgressBar, "update", ctrl_c_at_step_1)
+    assert main(arguments) == 130  # not 0: `finetune && deploy` must not deploy half a run
+    captured = capsys.readouterr()
+    assert "Training interrupted; a usable checkpoint is saved: 1 of 2 steps" in captured.out
+    assert f"go on with --resume --out {tmp_path / 'a'}" in captured.out
+    arguments[arguments.index(str(tmp_path / "a"))] = str(tmp_path / "b")  # "a" holds that checkpoint now
+    monkeypatch.undo()
 
     def out_of_memory(*args, **kwargs):
         raise RuntimeError("DefaultCPUAllocator: not enough memory: you tried to allocate 123456789 bytes")

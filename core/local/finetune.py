@@ -56,7 +56,8 @@ from .prompt import PromptBuilder, _one_line, _text_ids, USER_LABEL
 log = logging.getLogger("chatforge.finetune")
 
 STATE_NAME = "training_state.pt"
-STATE_FORMAT = 1
+STATE_FORMAT = 2
+"""2: per-epoch batches (the last one smaller), group_by_length, and the hashes of the trained examples."""
 MAX_GRAD_NORM = 1.0
 IGNORE = -100
 """The label of a position outside the loss (what torch's cross entropy ignores)."""
@@ -99,9 +100,14 @@ class TrainingOptions:
     warmup_steps: int = 10
     group_by_length: bool = True
     """Batch examples of similar length together (see `epoch_order`): less padding, faster steps."""
+    val_split: float = 0.1
+    """The share of the dialogues held out, and at most how many of their replies are measured: used by the
+    command that splits the data, kept here so that a resumed run holds out the same."""
+    eval_replies: int = 200
 
     def __post_init__(self) -> None:
-        at_least_one = ("lora_r", "lora_alpha", "batch_size", "gradient_accumulation", "max_seq_length")
+        at_least_one = ("lora_r", "lora_alpha", "batch_size", "gradient_accumulation", "max_seq_length",
+                        "eval_replies")
         problems = [f"{name} must be at least 1, not {getattr(self, name)}" for name in at_least_one
                     if getattr(self, name) is not None and getattr(self, name) < 1]
         if self.max_steps is not None and self.max_steps < 1:
@@ -110,6 +116,8 @@ class TrainingOptions:
             problems.append(f"epochs must be a number above 0, not {self.epochs}")
         if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
             problems.append(f"learning_rate must be above 0, not {self.learning_rate}")
+        if not 0 < self.val_split < 1:
+            problems.append(f"val_split must be between 0 and 1 (exclusive), not {self.val_split}")
         if not 0 <= self.lora_dropout < 1:
             problems.append(f"lora_dropout must be from 0 up to (not including) 1, not {self.lora_dropout}")
         problems += [f"{name} must not be negative, not {getattr(self, name)}"
@@ -426,12 +434,14 @@ def epoch_order(lengths: Sequence[int], seed: int, epoch: int, batch_size: int, 
     if not group_by_length:
         return order
     run = GROUP_OF_BATCHES * batch_size
-    grouped = []
+    grouped, short = [], []
     for start in range(0, len(order), run):
         ranked = sorted(order[start:start + run], key=lambda i: lengths[i])
         batches = [ranked[k:k + batch_size] for k in range(0, len(ranked), batch_size)]
+        if len(batches[-1]) < batch_size:  # the epoch's one short batch goes last: the others stay aligned
+            short = batches.pop()
         grouped += [i for b in torch.randperm(len(batches), generator=generator).tolist() for i in batches[b]]
-    return grouped
+    return grouped + short
 
 
 def warmup_for(options: TrainingOptions, total: int) -> int:
@@ -449,14 +459,17 @@ def rate_factor(step: int, warmup: int, total: int) -> float:
 
 def total_steps(options: TrainingOptions, examples: int) -> int:
     """Optimizer steps of a run: `max_steps`, else enough for `epochs` passes over the examples."""
-    per_step = options.batch_size * options.gradient_accumulation
-    return options.max_steps or max(1, math.ceil(options.epochs * examples / per_step))
+    batches = options.epochs * math.ceil(examples / options.batch_size)
+    return options.max_steps or max(1, math.ceil(batches / options.gradient_accumulation))
 
 
 def saved_options(out_dir: Path) -> TrainingOptions | None:
     """The options the run saved in `out_dir` trained with (for a CLI resuming it), or None."""
     state = _read_state(Path(out_dir))
-    return TrainingOptions(**state["options"]) if state else None
+    if state is None:
+        return None
+    known = {f.name for f in dataclasses.fields(TrainingOptions)}
+    return TrainingOptions(**{name: value for name, value in state["options"].items() if name in known})
 
 
 def train(loaded: LoadedModel, builder: PromptBuilder, train_examples: Sequence[Example],
@@ -502,15 +515,14 @@ def train(loaded: LoadedModel, builder: PromptBuilder, train_examples: Sequence[
                 raise FinetuneError(f"{out_dir} was trained on another base model ({state['base']}); resume it "
                                     "with the model it started on")
             before = None
-            if state is not None and state["held_out_digest"] != _digest(held_out):
+            if state is not None and _newly_held_out_but_trained(state, held_out):
                 raise FinetuneError(
-                    f"the held-out replies differ from those of the run saved in {out_dir}: its steps so far may "
-                    "have trained on them, so their perplexity would flatter the adapter; resume with the same "
-                    "data, held-out share and seed")
+                    f"some held-out replies were among the training examples of the run saved in {out_dir}: their "
+                    "perplexity would flatter the adapter; resume with the same data, --val-split and --seed")
             if held_out:
-                if state is not None:
+                if state is not None and state["held_out_digest"] == _digest(held_out):
                     before = state["perplexity_before"]
-                else:
+                else:  # new held-out replies (a conversation from memory went on): measured on the base
                     with interrupts.immediate():  # nothing trained yet, nothing to save
                         before = held_out_perplexity(loaded.model, held_out, options.batch_size)
             if state is not None and state["train_digest"] != _digest(train_examples):
@@ -551,6 +563,8 @@ class _Run:
             self.scheduler.load_state_dict(state["scheduler"])
             torch.random.set_rng_state(state["rng"])
             self.step, self.losses = state["step"], list(state["losses"])
+        self.earlier_hashes: set[str] = set(state["trained_hashes"]) if state is not None else set()
+        """What the run trained on before it was resumed (with other data, perhaps): never to be held out."""
         self.resumed_from = self.step
 
     def go(self, interrupts: "_Interrupts", on_progress: Callable[[ProgressInfo], None] | None,
@@ -623,21 +637,20 @@ class _Run:
         return total / tokens
 
     def _indices(self, micro_batch: int) -> list[int]:
-        """The examples of a micro-batch: its place in a stream of seeded orders, one per epoch."""
-        size, n = self.options.batch_size, len(self.examples)
-        indices = []
-        for position in range(micro_batch * size, (micro_batch + 1) * size):
-            epoch = position // n
-            if epoch not in self.orders:
-                lengths = [len(example.input_ids) for example in self.examples]
-                self.orders[epoch] = epoch_order(lengths, self.options.seed, epoch, size,
-                                                 self.options.group_by_length)
-            indices.append(self.orders[epoch][position % n])
-        return indices
+        """The examples of a micro-batch: each epoch is its own seeded order cut into batches, the last one
+        smaller when the examples do not divide evenly (so that no batch mixes two epochs' length groups)."""
+        size, per_epoch = self.options.batch_size, self._batches_per_epoch()
+        epoch, batch = divmod(micro_batch, per_epoch)
+        if epoch not in self.orders:
+            lengths = [len(example.input_ids) for example in self.examples]
+            self.orders[epoch] = epoch_order(lengths, self.options.seed, epoch, size, self.options.group_by_length)
+        return self.orders[epoch][batch * size:(batch + 1) * size]
+
+    def _batches_per_epoch(self) -> int:
+        return math.ceil(len(self.examples) / self.options.batch_size)
 
     def _epoch(self) -> float:
-        seen = self.step * self.options.gradient_accumulation * self.options.batch_size
-        return seen / len(self.examples)
+        return self.step * self.options.gradient_accumulation / self._batches_per_epoch()
 
     def _card(self, interrupted: bool, after: float | None) -> dict[str, Any]:
         return {
@@ -674,6 +687,8 @@ class _Run:
             "prompt": _prompt_format(self.builder),
             "perplexity_before": self.before, "held_out_digest": _digest(self.held_out),
             "train_digest": _digest(self.examples),
+            "trained_hashes": sorted(set(map(_example_hash, self.examples)) | self.earlier_hashes),
+            "held_out_hashes": sorted(set(map(_example_hash, self.held_out))),
             "adapter": {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(self.model).items()},
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "rng": torch.random.get_rng_state(),
@@ -717,6 +732,20 @@ def _prompt_format(builder: PromptBuilder) -> dict[str, Any]:
 def _describe(prompt: dict[str, Any]) -> str:
     kind = "the chat template" if prompt["chat_template"] else "the User:/Bot: transcript"
     return f"{kind}, system prompt {prompt['system_prompt']!r}"
+
+
+def _newly_held_out_but_trained(state: dict, held_out: Sequence[Example]) -> bool:
+    """Whether a held-out example the saved run did not hold out was trained on: its perplexity would flatter.
+
+    One held out from the start may be trained on too (the same "hi" -> "hello" on both sides): it is
+    measured the same before and after, so that is allowed.
+    """
+    new = set(map(_example_hash, held_out)) - set(state["held_out_hashes"])
+    return bool(new & set(state["trained_hashes"]))
+
+
+def _example_hash(example: Example) -> str:
+    return hashlib.sha256(json.dumps([example.input_ids, example.labels]).encode()).hexdigest()[:16]
 
 
 def _digest(examples: Sequence[Example]) -> str:
