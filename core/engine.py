@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import difflib
 import functools
 import inspect
@@ -23,7 +24,7 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable, ContextManager
+from typing import Any, AsyncIterator, Callable, ContextManager, Literal, Sequence
 
 from . import pii
 from .commands import CommandContext, CommandRegistry, parse_command
@@ -41,6 +42,8 @@ log = logging.getLogger("chatforge.engine")
 
 
 BUSY = "I'm busy answering a lot of messages right now; please try again in a minute."
+BUSY_RETRY_AFTER = 10.0
+"""Seconds an API client is told to wait when every place is taken (a chat is told "a minute")."""
 
 
 @dataclass
@@ -54,6 +57,11 @@ class Admission:
     refusal: Reply | None = None
     """The answer to a refused message ("busy", "slow down"...); None for a deliberate silence."""
     place: Place | None = None
+    reason: Literal["empty", "too_long", "rate_limited", "busy"] | None = None
+    """Why it was refused, for adapters whose protocol has a status for each (HTTP: 400, 429, 503). Set even
+    when `refusal` is None: a chat is told "slow down" once a minute, an API client every time."""
+    retry_after: float | None = None
+    """For "rate_limited" and "busy": seconds after which trying again may succeed."""
 
     @property
     def admitted(self) -> bool:
@@ -284,27 +292,29 @@ class Engine:
         admission to `handle`, so what waits in the adapter counts toward the
         one bound; it releases the place once the reply is delivered (`with
         admission:`). A refused message carries its answer ("busy", "slow
-        down", "too long") or None for a deliberate silence.
+        down", "too long") or None for a deliberate silence, and its `reason`.
         """
         text = clean_text(message.text)
         if not text:
-            return Admission(message, refusal=None)
+            return Admission(message, refusal=None, reason="empty")
         limits = self.settings.limits
         if len(text) > limits.max_message_chars:
             return Admission(message, Reply(too_long(len(text), limits.max_message_chars),
-                                            source="engine", remember=False))
+                                            source="engine", remember=False), reason="too_long")
         user = f"{message.platform}:{message.user}"
         wait = self.rate_limiter.acquire(user) if rate_limit else 0
         if wait:
-            return Admission(message, self._slow_down(user, wait))
+            return Admission(message, self._slow_down(user, wait), reason="rate_limited", retry_after=wait)
         message = message.replace(text=text)
         place = self.queue.take_place()
         if place is None:
-            return Admission(message, self._busy(self.conversation(message)))
+            return Admission(message, self._busy(self.conversation(message)), reason="busy",
+                             retry_after=BUSY_RETRY_AFTER)
         return Admission(message, place=place)
 
     async def handle(self, message: Message, on_text: OnText | None = None, *,
-                     rate_limit: bool = True, admission: Admission | None = None) -> Reply | None:
+                     rate_limit: bool = True, admission: Admission | None = None,
+                     earlier: Sequence[Turn] = ()) -> Reply | None:
         """Answer one message. None means a deliberate silence (an empty message, a flood).
 
         Messages of one conversation are answered one at a time, in the order
@@ -312,6 +322,9 @@ class Engine:
         the operator's own console: per-user rate limits protect the bot from
         remote users, not from the person running it. `admission` is what
         `admit` gave when the message arrived; without one, it is admitted now.
+        `earlier` is the conversation as the client remembers it (an API
+        client sends it with every request): stored as its start when the bot
+        remembers nothing of it, and ignored otherwise.
         """
         own = admission is None
         if admission is None:
@@ -322,6 +335,8 @@ class Engine:
             message = admission.message
             key = self.conversation(message)
             async with self.queue.turn(key), self._conversation_lock(key):
+                if earlier:
+                    await self._off_loop(self._start_with, key, list(earlier))
                 reply = await self._answer(message, on_text)
         except PluginError as exc:  # strict mode: a plugin failed, the bot stops (see `stopped_by_plugin`)
             if self.fatal_error is None:
@@ -461,6 +476,15 @@ class Engine:
         if not text:
             text = "…"  # the model produced nothing usable; say something rather than stay silent
         return Reply(text, source="generator")
+
+    def _start_with(self, key: ConversationKey, turns: list[Turn]) -> None:
+        """Store a client's record of the conversation when the bot has none (under the conversation's lock)."""
+        try:
+            if self.memory.count(key) == 0:
+                self.memory.add(key, *(dataclasses.replace(turn, text=self.private(turn.text)) for turn in turns))
+        except Exception as exc:  # noqa: BLE001 - a database down: answer without that history
+            log.error("memory: could not store the earlier messages of %s (%s: %s); answering without them",
+                      key, type(exc).__name__, exc)
 
     def _remember(self, message: Message, reply: Reply, edited: bool = False) -> None:
         """Store the question and its answer together (on a memory thread); a failure loses the turn, and

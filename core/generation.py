@@ -11,7 +11,10 @@ generator, importing what it needs (torch, an HTTP client) only then.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Protocol, Sequence
+import contextlib
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, Protocol, Sequence
 
 from pydantic import BaseModel
 
@@ -22,6 +25,43 @@ if TYPE_CHECKING:
 
 OnText = Callable[[str], None]
 """Receives each new piece of reply text as it is generated."""
+
+
+@dataclass
+class Usage:
+    """The tokens one request cost, as the generator counted them: what the HTTP API reports as `usage`.
+
+    A generator shared by many conversations cannot keep "the last request's" figures on itself (another
+    reply may finish in between), so it adds them to the Usage of the task that asked (`count_usage`).
+    """
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    counted: bool = False
+    """Whether a generator reported anything (a command's answer costs no tokens, and reports none)."""
+
+
+_current_usage: ContextVar[Usage | None] = ContextVar("chatforge_usage", default=None)
+
+
+@contextlib.contextmanager
+def measuring_usage() -> Iterator[Usage]:
+    """Collect what generators report while the block runs in this task (and the tasks it starts)."""
+    usage = Usage()
+    token = _current_usage.set(usage)
+    try:
+        yield usage
+    finally:
+        _current_usage.reset(token)
+
+
+def count_usage(prompt_tokens: int, completion_tokens: int) -> None:
+    """For generators: add one generation's tokens to the asking task's Usage, if it is measuring."""
+    usage = _current_usage.get()
+    if usage is not None:
+        usage.prompt_tokens += prompt_tokens
+        usage.completion_tokens += completion_tokens
+        usage.counted = True
 
 
 class TextGenerator(Protocol):

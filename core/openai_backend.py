@@ -36,7 +36,7 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_core import PydanticCustomError
 
 from .config import GeneratorConfig, PositiveInt, Settings, StrictModel
-from .generation import GeneratorBackend, OnText
+from .generation import GeneratorBackend, OnText, count_usage
 from .hookspecs import hookimpl
 from .memory import Turn
 
@@ -289,6 +289,7 @@ class OpenAIGenerator:
             return
         self.prompt_tokens += prompt
         self.generated_tokens += new
+        count_usage(prompt, new)
         first = f", first text after {progress.first_seconds:.2f} s" if progress.first_seconds is not None else ""
         again = f", {retries} {'retry' if retries == 1 else 'retries'}" if retries else ""
         log.info("%s: %d reply tokens to %d prompt tokens in %.2f s%s%s", self.name, new, prompt, seconds,

@@ -20,7 +20,7 @@ from typing import Any, Callable, Sequence
 
 from .config import Settings
 from .engine import Engine
-from .generation import OnText
+from .generation import OnText, count_usage
 from .memory import InMemoryMemory, MemoryStore, Turn
 from .message import Message, Reply
 from .plugin_manager import PluginHost
@@ -42,6 +42,8 @@ class FakeGenerator:
     async def reply(self, history: Sequence[Turn], text: str, on_text: OnText | None = None) -> str:
         self.calls.append((list(history), text))
         answer = self.respond(history, text)
+        # Words stand for tokens, so that what reads usage (the HTTP API) can be tested against known counts.
+        count_usage(sum(len(turn.text.split()) for turn in history) + len(text.split()), len(answer.split()))
         if on_text is not None:
             for index, word in enumerate(answer.split(" ")):
                 on_text(word if index == 0 else " " + word)

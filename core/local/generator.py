@@ -25,7 +25,7 @@ import re
 from typing import TYPE_CHECKING, Any, Sequence
 
 from ..config import GeneratorConfig
-from ..generation import OnText, TextGenerator  # noqa: F401 - also importable from here, as before
+from ..generation import OnText, TextGenerator, count_usage  # noqa: F401 - also importable from here, as before
 from ..memory import Turn
 from .model_loading import LoadedModel
 from .prompt import PromptBuilder
@@ -105,6 +105,7 @@ class TransformersGenerator:
             text = ended
         self.last_stats = stats
         self.generated_tokens += stats.new_tokens
+        count_usage(stats.prompt_tokens, stats.new_tokens)
         log.debug("generated %d tokens in %.2f s (%.1f tokens/s after the first at %.2f s; %d of %d prompt "
                   "tokens reused; batch of %d)", stats.new_tokens, stats.seconds, stats.tokens_per_second,
                   stats.first_token_seconds, stats.reused_tokens, stats.prompt_tokens, stats.batch_size)
