@@ -55,6 +55,7 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "console": "chatforge.adapters.console",
     "discord": "chatforge.adapters.discord",
     "telegram": "chatforge.adapters.telegram",
+    "http": "chatforge.adapters.http",
 }
 
 
