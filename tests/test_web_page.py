@@ -495,9 +495,42 @@ def test_help_runs_from_the_command_list_on_the_real_adapter(adapter, open_page)
 
     page = open_page(adapter.url)
     page.get_by_role("button", name="Commands").click()
-    page.locator("#commands").get_by_role("button", name=re.compile(r"^/help\b")).click()
-    expect(page.locator("#input")).to_have_value(re.compile(r"^/help"))
+    page.locator("#commands .signature").get_by_text("/help", exact=True).click()
+    expect(page.locator("#input")).to_have_value("/help")
     page.locator("#input").press("Enter")
     wait_idle(page)
     expect(last_reply(page)).to_contain_text("/help")
     expect(page.locator("#error")).to_be_hidden()
+
+
+def test_the_real_adapter_asks_the_page_for_its_key(open_page):
+    from playwright.sync_api import expect
+
+    with AdapterServer(api_keys=["page-test-key-1"]) as server:
+        page = open_page(server.url)
+        expect(page.locator("#key-dialog")).to_be_visible()
+        page.locator("#key-input").fill("page-test-key-1")
+        page.locator("#key-input").press("Enter")
+        expect(page.locator("#bot-name")).to_have_text(server.adapter.model_id)
+        say(page, "with a key")
+        expect(last_reply(page)).to_have_text("echo: with a key")
+        wait_idle(page)
+        expect(page.locator("#error")).to_be_hidden()
+
+
+def test_the_real_adapters_refusals_reach_the_page(open_page):
+    from playwright.sync_api import expect
+
+    with AdapterServer({"limits": {"rate_per_minute": 1, "rate_burst": 1, "max_message_chars": 40}}) as server:
+        page = open_page(server.url)
+        expect(page.locator("#bot-name")).to_have_text(server.adapter.model_id)
+        say(page, "x" * 41)
+        expect(page.locator("#error")).to_contain_text("40")  # too long: the limit is said
+        expect(page.locator("#input")).to_have_value("x" * 41)
+        say(page, "first")
+        expect(last_reply(page)).to_have_text("echo: first")
+        wait_idle(page)
+        say(page, "second")  # beyond the burst: 429 with Retry-After
+        expect(page.locator("#error")).to_contain_text(re.compile(r"\b\d+ s\b"))
+        expect(page.locator("#input")).to_have_value("second")
+        expect(bubbles(page, "user")).to_have_text(["first"])

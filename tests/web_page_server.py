@@ -236,9 +236,12 @@ class FakeChatApi:
 
 
 class AdapterServer:
-    """The real HTTP adapter (chatforge.adapters.http) serving a `chatforge.testing.make_bot` bot."""
+    """The real HTTP adapter (chatforge.adapters.http) serving a `chatforge.testing.make_bot` bot.
 
-    def __init__(self, **config: Any) -> None:
+    `bot_config` is the bot's config (as make_bot takes it), `config` the adapter's (`adapters.http`)."""
+
+    def __init__(self, bot_config: dict[str, Any] | None = None, **config: Any) -> None:
+        self.bot_config = bot_config
         self.config = config
         self.bot: Any = None
         self.adapter: Any = None
@@ -271,9 +274,8 @@ class AdapterServer:
         from chatforge.adapters.http import HttpAdapter
         from chatforge.testing import make_bot
 
-        self.bot = make_bot()
-        fields = HttpAdapter.Config.model_fields
-        options = {"enabled": True, "port": 0, **({"host": "127.0.0.1"} if "host" in fields else {}), **self.config}
+        self.bot = make_bot(self.bot_config)
+        options = {"enabled": True, "port": 0, "listen": "127.0.0.1", **self.config}
         self.adapter = HttpAdapter(self.bot.engine, HttpAdapter.Config(**options))
         self._task = asyncio.create_task(self.adapter.run())
         started = asyncio.create_task(self.adapter.started.wait())

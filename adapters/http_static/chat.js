@@ -82,7 +82,7 @@ async function errorFrom(response) {
   } catch { /* not JSON: keep the status line */ }
   if (response.status === 429 || response.status === 503) {
     const seconds = retryAfter(response.headers.get("Retry-After"));
-    if (seconds !== null) message += ` (try again in ${seconds} s)`;
+    if (seconds !== null && !message.includes(`${seconds} s`)) message += ` (try again in ${seconds} s)`;
   }
   return new ApiError(message, response.status);
 }
