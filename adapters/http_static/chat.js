@@ -278,18 +278,36 @@ async function send(text) {
 async function readReply(response, message, signal) {
   const body = message.querySelector(".body");
   let text = "";
-  let frame = 0;
+  // Re-render at most once per frame (a reply arrives in many small pieces), and leave the page twice a
+  // render's time between two renders (a long reply on a slow phone takes a while to render).
+  let frame = 0, timer = 0, pending = false, lastEnd = 0, lastCost = 0;
   const draw = () => {
-    frame = 0;
+    frame = timer = 0;
+    pending = false;
+    const start = performance.now();
     const follow = nearEnd();
     renderInto(body, text);
     if (follow) scrollToEnd(true);
+    lastEnd = performance.now();
+    lastCost = lastEnd - start;
   };
-  // Re-render at most once per frame: a long reply arrives in many small pieces.
-  const schedule = () => { if (!frame) frame = requestAnimationFrame(draw); };
+  const schedule = () => {
+    if (pending) return;
+    pending = true;
+    const wait = 2 * lastCost - (performance.now() - lastEnd);
+    if (wait > 16) timer = setTimeout(() => { frame = requestAnimationFrame(draw); }, wait);
+    else frame = requestAnimationFrame(draw);
+  };
+  const cancel = () => { // true if a render was due
+    clearTimeout(timer);
+    cancelAnimationFrame(frame);
+    const due = pending;
+    frame = timer = 0;
+    pending = false;
+    return due;
+  };
   const finish = (final) => {
-    if (frame) cancelAnimationFrame(frame);
-    frame = 0;
+    cancel();
     const follow = nearEnd();
     showText(message, "bot", final);
     if (follow) scrollToEnd(true);
@@ -304,17 +322,17 @@ async function readReply(response, message, signal) {
   }
 
   const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
-  let pending = "";
+  let unread = "";
   let data = [];
   try {
     for (;;) {
       const { value, done } = await reader.read();
       if (done) break;
-      pending += value;
+      unread += value;
       let newline;
-      while ((newline = pending.indexOf("\n")) >= 0) {
-        const line = pending.slice(0, newline).replace(/\r$/, "");
-        pending = pending.slice(newline + 1);
+      while ((newline = unread.indexOf("\n")) >= 0) {
+        const line = unread.slice(0, newline).replace(/\r$/, "");
+        unread = unread.slice(newline + 1);
         if (line.startsWith(":")) continue; // a keep-alive comment
         if (line.startsWith("data:")) { data.push(line.slice(5).replace(/^ /, "")); continue; }
         if (line !== "" || !data.length) continue; // other fields are not used; a blank line ends an event
@@ -333,14 +351,14 @@ async function readReply(response, message, signal) {
       }
     }
   } catch (error) {
-    if (frame) { cancelAnimationFrame(frame); draw(); }
+    if (cancel()) draw();
     if (error instanceof SyntaxError) throw new ApiError("The server sent a reply this page cannot read.");
     if (error instanceof ApiError || signal.aborted) throw error;
     throw new ApiError("The connection was lost before the reply was complete.");
   } finally {
     reader.cancel().catch(() => {});
   }
-  if (frame) { cancelAnimationFrame(frame); draw(); }
+  if (cancel()) draw();
   throw new ApiError("The connection closed before the reply was complete.");
 }
 

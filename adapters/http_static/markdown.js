@@ -183,10 +183,14 @@ function inline(text, parent, depth) {
     if (buffer) parent.appendChild(document.createTextNode(buffer));
     buffer = "";
   };
-  const missing = new Set(); // closers already known to be absent from here on: keeps long replies linear
-  const find = (closer, from) => {
+  // The first `closer` at or after `from` that `fits`. Whether a closer fits never depends on its opener, so
+  // one that is missing from some point on is missing for every later opener too: remembering that keeps
+  // text full of unmatched markers ("*a *a *a ...") linear instead of quadratic.
+  const missing = new Set();
+  const find = (closer, from, fits) => {
     if (missing.has(closer)) return -1;
-    const at = text.indexOf(closer, from);
+    let at = text.indexOf(closer, from);
+    while (at >= 0 && !fits(at)) at = text.indexOf(closer, at + 1);
     if (at < 0) missing.add(closer);
     return at;
   };
@@ -202,13 +206,8 @@ function inline(text, parent, depth) {
       let run = 1;
       while (text[i + run] === "`") run++;
       const fence = "`".repeat(run);
-      let end = find(fence, i + run);
       // The closing run must be exactly as long.
-      while (end >= 0 && text[end + run] === "`") {
-        let skip = end;
-        while (text[skip] === "`") skip++;
-        end = text.indexOf(fence, skip);
-      }
+      const end = find(fence, i + run, (at) => text[at - 1] !== "`" && text[at + run] !== "`");
       if (end >= 0) {
         flush();
         let code = text.slice(i + run, end);
@@ -229,11 +228,10 @@ function inline(text, parent, depth) {
       const arithmetic = !double && /\d/.test(text[i - 1] ?? "") && /\d/.test(text[open] ?? ""); // 2*3*4 is not italic
       // Emphasis opens before a non-space; _ never inside a word (snake_case stays as it is).
       if (text[open] && !/\s/.test(text[open]) && !(c === "_" && wordBefore) && !arithmetic) {
-        let end = find(marker, open + 1);
-        while (end >= 0 && (/\s/.test(text[end - 1]) || (!double && text[end + 1] === c && text[end - 1] !== c) ||
-                            (c === "_" && /[\p{L}\p{N}]/u.test(text[end + marker.length] ?? "")))) {
-          end = text.indexOf(marker, end + marker.length);
-        }
+        // It closes after a non-space; a single * is not the start of a **; _ not inside a word.
+        const end = find(marker, open + 1, (at) => !/\s/.test(text[at - 1]) &&
+          !(!double && text[at + 1] === c && text[at - 1] !== c) &&
+          !(c === "_" && /[\p{L}\p{N}]/u.test(text[at + marker.length] ?? "")));
         if (end >= 0) {
           flush();
           inline(text.slice(open, end), el(double ? "strong" : "em", parent), depth + 1);
@@ -245,7 +243,7 @@ function inline(text, parent, depth) {
       i += marker.length;
       continue;
     }
-    if (c === "[") {
+    if (c === "[" && find("](", i + 1, () => true) >= 0) {
       const link = parseLink(text, i);
       if (link) {
         flush();
