@@ -506,10 +506,10 @@ def test_help_runs_from_the_command_list_on_the_real_adapter(adapter, open_page)
 def test_the_real_adapter_asks_the_page_for_its_key(open_page):
     from playwright.sync_api import expect
 
-    with AdapterServer(api_keys=["page-test-key-1"]) as server:
+    with AdapterServer(api_keys=["page-test-key-0123456789"]) as server:
         page = open_page(server.url)
         expect(page.locator("#key-dialog")).to_be_visible()
-        page.locator("#key-input").fill("page-test-key-1")
+        page.locator("#key-input").fill("page-test-key-0123456789")
         page.locator("#key-input").press("Enter")
         expect(page.locator("#bot-name")).to_have_text(server.adapter.model_id)
         say(page, "with a key")
