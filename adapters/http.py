@@ -39,15 +39,18 @@ import ipaddress
 import json
 import logging
 import math
+import re
 import secrets
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 from typing import Any, Awaitable, Callable
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationInfo, field_validator
 
 from chatforge.adapter import Adapter
+from chatforge.commands import parse_command
 from chatforge.adapters.web_server import BodyTooLarge, BodyTooSlow, GuardedServer, read_body
 from chatforge.engine import Admission
 from chatforge.generation import Usage, measuring_usage
@@ -58,6 +61,8 @@ from chatforge.message import Message, Reply
 
 log = logging.getLogger("chatforge.http")
 
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
 STATIC = Path(__file__).with_name("http_static")
 PAGE_POLICY = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self' data:; "
                "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
@@ -66,6 +71,10 @@ CONTENT_TYPES = {".html": "text/html", ".js": "text/javascript", ".css": "text/c
                  ".png": "image/png", ".ico": "image/x-icon"}
 MAX_ID_LENGTH = 200
 """Characters of a user or conversation id a client may send."""
+MIN_KEY_LENGTH = 16
+FORGETTING_COMMANDS = {"reset", "forget"}
+"""Commands after which a client's record of the conversation must not be taken back into memory."""
+_HEADER_NAMES = re.compile(r"^[A-Za-z0-9-]+(\s*,\s*[A-Za-z0-9-]+)*$")
 
 
 def _loopback(host: str) -> bool:
@@ -116,8 +125,8 @@ class HttpConfig(BaseModel):
     def _real_keys(cls, value: list[SecretStr]) -> list[SecretStr]:
         for key in value:
             secret = key.get_secret_value()
-            if len(secret) < 8 or any(char.isspace() for char in secret):
-                raise ValueError("at least 8 characters each, with no spaces (make one with: "
+            if len(secret) < MIN_KEY_LENGTH or any(char.isspace() for char in secret):
+                raise ValueError(f"at least {MIN_KEY_LENGTH} characters each, with no spaces (make one with: "
                                  "python -c 'import secrets; print(secrets.token_urlsafe())')")
         return value
 
@@ -174,6 +183,9 @@ class HttpAdapter(Adapter):
         self.started = asyncio.Event()
         self._stop_requested = asyncio.Event()
         self._stopping = False
+        self._requests = 0  # requests being served, bodies still arriving included
+        self._idle = asyncio.Event()
+        self._idle.set()
         self._keys = [(key.get_secret_value().encode(), _digest(key.get_secret_value()))
                       for key in self.config.api_keys]
         self._server: GuardedServer | None = None
@@ -188,11 +200,12 @@ class HttpAdapter(Adapter):
     # ------------------------------------------------------------ lifecycle
 
     async def run(self) -> None:
-        app = web.Application(client_max_size=self.config.max_body_size, middlewares=[self._cors, self._errors])
+        app = web.Application(client_max_size=self.config.max_body_size,
+                              middlewares=[self._count, self._cors, self._errors, self._checks])
         app.router.add_get("/", self._page)
         app.router.add_get("/static/{name}", self._static)
         app.router.add_get("/v1/models", self._models)
-        app.router.add_get("/v1/models/{model}", self._model)
+        app.router.add_get("/v1/models/{model:.+}", self._model)
         app.router.add_get("/v1/commands", self._commands)
         app.router.add_post("/v1/chat/completions", self._chat_completions)
         server = self._server = GuardedServer(app, host=self.config.listen, port=self.config.port, logger=log,
@@ -201,11 +214,13 @@ class HttpAdapter(Adapter):
         await server.start()
         try:
             self.started.set()
-            keys = f"{len(self._keys)} API key{'s' if len(self._keys) != 1 else ''}" if self._keys else "no API key"
+            keys = ("API keys " + ", ".join(digest for _, digest in self._keys)) if self._keys else "no API key"
             host = f"[{self.config.listen}]" if ":" in self.config.listen else self.config.listen
             self.announce(f"http://{host}:{server.port} (OpenAI API at /v1, chat page at /; {keys})")
             await self._stop_requested.wait()
-            await self.wait_in_flight()  # `chatforge run` bounds the wait (bot.shutdown_timeout)
+            # Every request that got in is answered; `chatforge run` bounds the wait (bot.shutdown_timeout).
+            await self._idle.wait()
+            await self.wait_in_flight()  # replies whose client left go on to be remembered
         finally:
             await server.stop()
 
@@ -217,12 +232,40 @@ class HttpAdapter(Adapter):
     # ------------------------------------------------------------ middleware
 
     @web.middleware
-    async def _errors(self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-                      ) -> web.StreamResponse:
-        """Every refusal in OpenAI's error format, aiohttp's own (404, 405, 413) included."""
+    async def _count(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Count the requests being served, so that stopping waits for each one that got in."""
+        self._requests += 1
+        self._idle.clear()
         try:
-            if self._stopping and request.path.startswith("/v1/"):
-                raise ApiError(503, "The bot is shutting down.", "server_error", "shutting_down", retry_after=5)
+            return await handler(request)
+        finally:
+            self._requests -= 1
+            if not self._requests:
+                self._idle.set()
+
+    @web.middleware
+    async def _cors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Let the configured web origins call the API from a browser (preflights need no key)."""
+        origin = self._allowed_origin(request)
+        if request.method == "OPTIONS" and request.headers.get("Access-Control-Request-Method"):
+            if origin is None:
+                return web.Response(status=403)
+            asked = request.headers.get("Access-Control-Request-Headers", "")
+            response: web.StreamResponse = web.Response(status=204, headers={
+                "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
+                # What the client asks for (openai-node adds x-stainless-*, Open WebUI its own), if well formed.
+                "Access-Control-Allow-Headers": asked if _HEADER_NAMES.fullmatch(asked) else "Authorization, Content-Type",
+                "Access-Control-Max-Age": "600"})
+        else:
+            response = await handler(request)
+        if origin is not None and not response.prepared:  # a stream was sent with them already
+            _allow_origin(response, origin)
+        return response
+
+    @web.middleware
+    async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Every refusal in OpenAI's error format: ours, aiohttp's own (404, 405, 413), and our bugs (500)."""
+        try:
             return await handler(request)
         except ApiError as error:
             return error.response()
@@ -231,25 +274,25 @@ class HttpAdapter(Adapter):
                 raise
             code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(error.status)
             return ApiError(error.status, error.reason or "error", code=code).response()
+        except Exception:  # noqa: BLE001 - a bug (or a plugin failing under --strict): logged, and a proper 500
+            log.exception("the HTTP adapter failed on %s %s", request.method, request.path)
+            return ApiError(500, "The bot failed to answer; the error is in its log.", "server_error",
+                            "internal_error").response()
 
     @web.middleware
-    async def _cors(self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-                    ) -> web.StreamResponse:
-        """Let the configured web origins call the API from a browser (preflights need no key)."""
-        origin = self._allowed_origin(request)
-        allowed = origin is not None
-        if request.method == "OPTIONS" and request.headers.get("Access-Control-Request-Method"):
-            if not allowed:
-                return web.Response(status=403)
-            response: web.StreamResponse = web.Response(status=204, headers={
-                "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
-                "Access-Control-Allow-Headers": "Authorization, Content-Type, X-Chatforge-Conversation",
-                "Access-Control-Max-Age": "600"})
-        else:
-            response = await handler(request)
-        if origin is not None and not response.prepared:  # a stream was sent with it already
-            _allow_origin(response, origin)
-        return response
+    async def _checks(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """What a browser could be tricked into: another site's page posting to the bot (a form or fetch
+        from a page the operator opened), or a DNS name rebound to 127.0.0.1 reading its answers."""
+        if not self._keys and not _loopback(_hostname(request.host)):
+            raise ApiError(403, "Without api_keys this server answers only requests addressed to a loopback "
+                                "name (127.0.0.1, localhost).", code="forbidden_host")
+        origin = request.headers.get("Origin")
+        if origin is not None and self._allowed_origin(request) is None and not _same_origin(request, origin):
+            raise ApiError(403, f"Requests from pages at {origin} are not allowed (adapters.http.cors_origins).",
+                           code="forbidden_origin")
+        if self._stopping and request.path.startswith("/v1/"):
+            raise ApiError(503, "The bot is shutting down.", "server_error", "shutting_down", retry_after=5)
+        return await handler(request)
 
     def _allowed_origin(self, request: web.Request) -> str | None:
         """The request's Origin if it is one of cors_origins."""
@@ -334,13 +377,16 @@ class HttpAdapter(Adapter):
     async def _chat_completions(self, request: web.Request) -> web.StreamResponse:
         received = time.monotonic()
         self._principal(request)  # before the body is read: no key, no work
+        if request.content_type != "application/json":  # a form or text/plain post could come from any site
+            raise ApiError(415, "Send the request as JSON, with Content-Type: application/json.",
+                           code="unsupported_media_type")
         body = await self._json_body(request)
         if "model" in body:
             self._check_model(body["model"])
         text, earlier_messages = _conversation(body)
-        if body.get("n", 1) != 1:
+        if body.get("n") not in (None, 1):
             raise ApiError(400, "Only one choice (n: 1) is made per request.", param="n")
-        stream = body.get("stream", False)
+        stream = body.get("stream") or False
         if not isinstance(stream, bool):
             raise ApiError(400, "stream must be true or false.", param="stream")
         options = body.get("stream_options") or {}
@@ -379,7 +425,15 @@ class HttpAdapter(Adapter):
         return body
 
     def _earlier_turns(self, messages: list[dict[str, str]], message: Message) -> list[Turn]:
-        """The client's record of the conversation, as turns (only the newest memory.max_turns count)."""
+        """The client's record of the conversation, as turns: only what came after its last /reset or
+        /forget (a client resends what the user asked the bot to forget), the newest memory.max_turns."""
+        for index in range(len(messages) - 1, -1, -1):
+            parsed = parse_command(messages[index]["text"].strip(), self.engine.command_prefix)
+            if messages[index]["role"] == "user" and parsed is not None and parsed[0] in FORGETTING_COMMANDS:
+                messages = messages[index + 1:]
+                break
+        while messages and messages[0]["role"] == "assistant":  # the command's answer, or a greeting
+            messages = messages[1:]
         turns = []
         for earlier in messages[-self.engine.settings.memory.max_turns:]:
             text = clean_text(earlier["text"])[: self.engine.settings.limits.max_message_chars]
@@ -423,6 +477,7 @@ class HttpAdapter(Adapter):
             _allow_origin(response, origin)
         sent = []
         writer = _EventWriter(response)
+        getting: asyncio.Future | None = None
         try:
             await response.prepare(request)
             await writer.event(completion.chunk({"role": "assistant", "content": ""}))
@@ -448,6 +503,12 @@ class HttpAdapter(Adapter):
                 await writer.event(error.body())
                 await writer.done()
                 return response
+            except Exception:  # noqa: BLE001 - the status is sent: the client is told in the stream
+                log.exception("the HTTP adapter failed while answering a streamed request")
+                await writer.event(ApiError(500, "The bot failed to answer; the error is in its log.",
+                                            "server_error", "internal_error").body())
+                await writer.done()
+                return response
             final, streamed = (reply.text if reply else ""), "".join(sent)
             if final.startswith(streamed):
                 if final[len(streamed):]:
@@ -463,6 +524,9 @@ class HttpAdapter(Adapter):
             log.info("a client left before its reply was complete (%s)", type(exc).__name__)
             if isinstance(exc, asyncio.CancelledError):
                 raise
+        finally:
+            if getting is not None:
+                getting.cancel()
         return response
 
 
@@ -527,12 +591,25 @@ def _drain(queue: asyncio.Queue[str]) -> str:
 
 def _allow_origin(response: web.StreamResponse, origin: str) -> None:
     response.headers["Access-Control-Allow-Origin"] = origin
+    response.headers["Access-Control-Expose-Headers"] = "Retry-After"
     response.headers["Vary"] = "Origin"
+
+
+def _hostname(host: str) -> str:
+    """The name in a Host header, without its port: "[::1]:8000" -> "::1"."""
+    return urlsplit(f"//{host}").hostname or ""
+
+
+def _same_origin(request: web.Request, origin: str) -> bool:
+    """Whether the page that sent the request was served here: its origin names this host (as the client
+    addressed it, or as the reverse proxy in front says it was addressed; a page cannot set either header)."""
+    netloc = urlsplit(origin).netloc
+    return bool(netloc) and netloc in (request.host, request.headers.get("X-Forwarded-Host"))
 
 
 def _digest(key: str) -> str:
     """A stable, short name for a key in memory keys: never the key itself."""
-    return "key-" + hashlib.sha256(key.encode()).hexdigest()[:12]
+    return "key-" + hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 def _client_id(value: Any, where: str) -> str:
@@ -544,18 +621,21 @@ def _client_id(value: Any, where: str) -> str:
     return value
 
 
-def _text_of(content: Any, index: int) -> str:
-    """A message's text: a string, or the text parts of a list (images and audio are not understood)."""
+def _text_of(content: Any, index: int, strict: bool) -> str:
+    """A message's text: a string, or the text parts of a list. Images and audio are not understood: in the
+    message to answer that is a 400 (better than an answer that ignores the picture), in earlier ones they
+    are skipped (one old picture must not make a whole chat fail)."""
     if isinstance(content, str):
         return content
     if isinstance(content, list):
         texts = []
         for part in content:
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+            if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
+                texts.append(part["text"])
+            elif strict:
                 kind = part.get("type") if isinstance(part, dict) else type(part).__name__
                 raise ApiError(400, f"messages[{index}].content: only text parts are understood, not {kind!r}.",
                                param=f"messages[{index}].content")
-            texts.append(part["text"])
         return "\n".join(texts)
     if content is None:
         return ""
@@ -575,7 +655,7 @@ def _conversation(body: dict[str, Any]) -> tuple[str, list[dict[str, str]]]:
                                                                          "tool", "function"):
             raise ApiError(400, f"messages[{index}] must be an object with a role of system, user or assistant.",
                            param=f"messages[{index}]")
-        text = _text_of(message.get("content"), index)
+        text = _text_of(message.get("content"), index, strict=index == len(messages) - 1)
         if message["role"] in ("user", "assistant"):
             earlier.append({"role": message["role"], "text": text})
     last = messages[-1]

@@ -77,7 +77,7 @@ class GuardedServer:
         self._runner: web.AppRunner | None = None
         self._server: asyncio.AbstractServer | None = None
         self._accept_errors = _AcceptErrors(self.log)
-        app.middlewares.append(self._headers_done)
+        app.middlewares.insert(0, self._headers_done)  # outermost: every request stops the header clock
 
     @property
     def port(self) -> int:

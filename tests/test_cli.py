@@ -127,7 +127,7 @@ def test_run_starts_the_adapters_named_on_the_command_line(cli, tiny_config):
     assert result.returncode == 0 and "nothing to forget" in result.stdout
     unknown = cli("run", "--adapter", "irc", "-c", str(tiny_config))
     assert unknown.returncode == 2
-    assert '--adapter irc: no adapter named "irc" (available: console, discord, telegram)' in unknown.stderr
+    assert '--adapter irc: no adapter named "irc" (available: console, discord, http, telegram)' in unknown.stderr
 
 
 @pytest.mark.parametrize("command", [[], ["chat"], ["run"], ["plugins"], ["config", "check"]])

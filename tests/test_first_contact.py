@@ -119,7 +119,7 @@ def test_an_unknown_adapter_on_the_command_line_is_blamed_on_the_command_line(cl
     result = cli(*command, cwd=tmp_path, timeout=60)
     assert result.returncode == 2
     assert result.stderr == ('chatforge: --adapter slack: no adapter named "slack" '
-                             "(available: console, discord, telegram)\n")
+                             "(available: console, discord, http, telegram)\n")
 
 
 def test_check_tokens_lists_every_chosen_adapter_without_one(tmp_path):

@@ -280,7 +280,7 @@ def test_unknown_paths_and_methods_answer_in_the_error_format():
             async with httpx.AsyncClient() as http:
                 missing = await http.get(f"{url}/completions")
                 wrong = await http.get(f"{url}/chat/completions")
-                escape = await http.get(url.removesuffix("/v1") + "/static/..%2f..%2fhttp.py")
+                escape = await http.get(url.removesuffix("/v1") + "/static/..%2fhttp.py")  # adapters/http.py exists
         assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
         assert wrong.status_code == 405 and wrong.json()["error"]["code"] == "method_not_allowed"
         assert escape.status_code == 404
@@ -390,7 +390,7 @@ def test_the_page_is_served_with_a_strict_content_security_policy():
     ({"listen": "0.0.0.0"}, "loopback address such as 127.0.0.1 unless api_keys is set"),
     ({"listen": "0.0.0.0", "api_keys": ""}, "loopback address"),
     ({"listen": "192.168.1.5"}, "anyone who can reach 192.168.1.5"),
-    ({"api_keys": "short"}, "at least 8 characters"),
+    ({"api_keys": "short-key-12345"}, "at least 16 characters"),
 ])
 def test_config_refuses_an_open_server_without_keys(section, error):
     from pydantic import ValidationError
@@ -399,6 +399,242 @@ def test_config_refuses_an_open_server_without_keys(section, error):
 
 
 def test_keys_come_from_one_comma_separated_variable():
-    config = HttpConfig(api_keys=" first-key-123, second-key-456 ,", listen="0.0.0.0")
-    assert [key.get_secret_value() for key in config.api_keys] == ["first-key-123", "second-key-456"]
-    assert "first-key-123" not in repr(config)
+    config = HttpConfig(api_keys=" first-key-0123456, second-key-0123456 ,", listen="0.0.0.0")
+    assert [key.get_secret_value() for key in config.api_keys] == ["first-key-0123456", "second-key-0123456"]
+    assert "first-key-0123456" not in repr(config)
+
+
+# ---------------------------------------------------------------- from review: what a browser or a client could do
+
+
+def test_another_sites_page_cannot_post_to_a_local_bot():
+    async def body():
+        async with serving() as (bot, adapter, url):
+            root = url.removesuffix("/v1")
+            async with httpx.AsyncClient() as http:
+                # A form or fetch with text/plain needs no preflight: refused before anything is read.
+                plain = await http.post(f"{url}/chat/completions", headers={"Content-Type": "text/plain"},
+                                        content=json.dumps({"messages": [{"role": "user", "content": "/forget"}]}))
+                foreign = await http.post(f"{url}/chat/completions", headers={"Origin": "https://evil.example"},
+                                          json={"messages": [{"role": "user", "content": "/forget"}]})
+                # A DNS name rebound to 127.0.0.1: the browser sends that name as the Host.
+                rebound = await http.get(f"{url}/commands", headers={"Host": f"evil.example:{adapter.port}"})
+                own_page = await http.post(f"{url}/chat/completions", headers={"Origin": root},
+                                           json={"messages": [{"role": "user", "content": "hi"}]})
+        assert plain.status_code == 415 and plain.json()["error"]["code"] == "unsupported_media_type"
+        assert foreign.status_code == 403 and foreign.json()["error"]["code"] == "forbidden_origin"
+        assert rebound.status_code == 403 and rebound.json()["error"]["code"] == "forbidden_host"
+        assert own_page.status_code == 200  # the chat page served here sends its own origin
+        assert [text for _, text in bot.generator.calls] == ["hi"]
+    run(body())
+
+
+def test_a_reset_is_not_undone_by_a_client_that_resends_the_whole_chat():
+    async def body():
+        chat = [{"role": "user", "content": "my password is hunter2"}]
+        async with serving() as (bot, adapter, url):
+            async with client(url) as api:
+                for text in ("/forget", "what do you know?"):
+                    answer = await api.chat.completions.create(model="chatforge", messages=chat)
+                    chat += [{"role": "assistant", "content": answer.choices[0].message.content},
+                             {"role": "user", "content": text}]
+                await api.chat.completions.create(model="chatforge", messages=chat)
+        first, last = bot.generator.calls
+        assert first[0] == []
+        assert last[1] == "what do you know?"
+        assert "my password is hunter2" not in [turn.text for turn in last[0]]
+        assert last[0] == []
+    run(body())
+
+
+def test_two_keys_never_share_a_conversation():
+    async def body():
+        other = "sk-other-key-98765"
+        async with serving(api_keys=[KEY, other]) as (bot, adapter, url):
+            async with client(url) as first, client(url, other) as second:
+                await first.chat.completions.create(model="chatforge", user="ann",
+                                                    messages=[{"role": "user", "content": "secret of key one"}])
+                await second.chat.completions.create(model="chatforge", user="ann",
+                                                     messages=[{"role": "user", "content": "who said what?"}])
+                listed = await second.chat.completions.create(model="chatforge", user="ann",
+                                                              messages=[{"role": "user", "content": "/history"}])
+        assert bot.generator.calls[1][0] == []
+        assert "secret of key one" not in listed.choices[0].message.content
+        keys = bot.memory.conversations("http")
+        assert len(keys) == 2 and all(KEY not in key.encode() and other not in key.encode() for key in keys)
+    run(body())
+
+
+def test_open_webui_headers_name_the_user_and_the_chat():
+    async def body():
+        async with serving() as (bot, adapter, url):
+            async with client(url) as api:
+                for chat, text in (("c1", "in chat one"), ("c2", "in chat two"), ("c1", "back in one")):
+                    await api.chat.completions.create(model="chatforge", messages=[{"role": "user", "content": text}],
+                                                      extra_headers={"X-OpenWebUI-User-Id": "u-42",
+                                                                     "X-OpenWebUI-Chat-Id": chat})
+        assert [turn.text for turn in bot.generator.calls[2][0]] == ["in chat one", "echo: in chat one"]
+        users = {key.user for key in bot.memory.conversations("http")}
+        assert users == {"local:u-42"}
+    run(body())
+
+
+def test_earlier_messages_are_trimmed_to_max_turns():
+    async def body():
+        sent = [{"role": "user", "content": f"line {index}"} if index % 2 == 0 else
+                {"role": "assistant", "content": None if index == 1 else f"reply {index}"} for index in range(10)]
+        sent.append({"role": "user", "content": "now"})
+        async with serving({"memory": {"max_turns": 4}}) as (bot, adapter, url):
+            async with client(url) as api:
+                await api.chat.completions.create(model="chatforge", messages=sent)
+        history, text = bot.generator.calls[0]
+        assert text == "now"
+        assert [turn.text for turn in history] == ["line 6", "reply 7", "line 8", "reply 9"]
+    run(body())
+
+
+def test_pictures_in_earlier_messages_are_skipped_and_null_fields_are_defaults():
+    async def body():
+        sent = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}},
+                                              {"type": "text", "text": "look at this"}]},
+                {"role": "assistant", "content": "A cat."}, {"role": "user", "content": "and now?"}]
+        async with serving() as (bot, adapter, url):
+            async with client(url) as api:
+                await api.chat.completions.create(model="chatforge", messages=sent, n=None, stream=None)
+        assert [turn.text for turn in bot.generator.calls[0][0]] == ["look at this", "A cat."]
+    run(body())
+
+
+def test_usage_is_counted_per_request_when_replies_overlap():
+    async def body():
+        async with serving() as (bot, adapter, url):
+            async with client(url) as api:
+                short, long = await asyncio.gather(
+                    api.chat.completions.create(model="chatforge", user="a",
+                                                messages=[{"role": "user", "content": "hi"}]),
+                    api.chat.completions.create(model="chatforge", user="b",
+                                                messages=[{"role": "user", "content": " ".join(["word"] * 30)}]))
+        assert (short.usage.prompt_tokens, short.usage.completion_tokens) == (1, 2)
+        assert (long.usage.prompt_tokens, long.usage.completion_tokens) == (30, 31)
+    run(body())
+
+
+class SlowCommands:
+    """/wait SECONDS answers "waited" after that long."""
+
+    @hookimpl
+    def chatforge_register_commands(self, register):
+        async def wait(ctx):
+            await asyncio.sleep(float(ctx.args or 1))
+            return "waited"
+        register("wait", wait, help="wait")
+
+
+def test_a_reply_past_request_timeout_is_a_504_or_an_error_event():
+    async def body():
+        async with serving(plugins={"slow": SlowCommands()}, request_timeout=0.5) as (bot, adapter, url):
+            async with client(url) as api:
+                with pytest.raises(openai.APIStatusError) as whole:
+                    await api.chat.completions.create(model="chatforge", messages=[{"role": "user", "content": "/wait 5"}])
+                with pytest.raises(openai.APIError, match="No reply within 0.5 s"):
+                    await streamed(api, "/wait 5")
+            assert bot.engine.queue.pending == 0
+        assert whole.value.status_code == 504
+        assert whole.value.response.headers["x-should-retry"] == "false"
+    run(body())
+
+
+def test_a_client_that_leaves_mid_stream_still_gets_its_turn_remembered():
+    async def body():
+        async with serving() as (bot, adapter, url):
+            async with httpx.AsyncClient() as http:
+                words = " ".join(f"w{index}" for index in range(40))  # 41 words, 10 ms apart
+                async with http.stream("POST", f"{url}/chat/completions", json={
+                        "model": "chatforge", "stream": True,
+                        "messages": [{"role": "user", "content": words}]}) as response:
+                    async for line in response.aiter_lines():
+                        if '"content": "echo:' in line:
+                            break  # the first words arrived: hang up
+            for _ in range(100):  # the reply goes on being made (bounded: 5 s)
+                if bot.memory.conversations("http") and not bot.engine.queue.pending:
+                    break
+                await asyncio.sleep(0.05)
+            key, = bot.memory.conversations("http")
+            stored = [turn.text for turn in bot.memory.recent(key, 10)]
+        assert stored == [words, f"echo: {words}"]
+        assert bot.engine.queue.pending == 0
+    run(body())
+
+
+def test_stopping_answers_a_request_whose_body_was_still_arriving():
+    async def body():
+        bot = make_bot(generator=PacedGenerator())
+        adapter = HttpAdapter(bot.engine, HttpConfig(enabled=True, port=0))
+        running = asyncio.create_task(adapter.run())
+        await asyncio.wait_for(adapter.started.wait(), 10)
+        payload = json.dumps({"model": "chatforge", "messages": [{"role": "user", "content": "late"}]}).encode()
+        reader, writer = await asyncio.open_connection("127.0.0.1", adapter.port)
+        writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(payload) + payload[:10])
+        await writer.drain()
+        await asyncio.sleep(0.2)
+        stopping = asyncio.create_task(adapter.stop())
+        await asyncio.sleep(0.2)
+        writer.write(payload[10:])
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+        await stopping
+        await asyncio.wait_for(running, 10)
+        await bot.engine.close()
+        assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+        assert b"echo: late" in answer
+    run(body())
+
+
+def test_a_plugin_failing_under_strict_is_a_500_in_the_error_format():
+    class Broken:
+        @hookimpl
+        def chatforge_register_commands(self, register):
+            def boom(ctx):
+                raise RuntimeError("kaputt")
+            register("boom", boom, help="fail")
+
+    async def body():
+        async with serving(plugins={"broken": Broken()}) as (bot, adapter, url):
+            async with client(url) as api:
+                with pytest.raises(openai.InternalServerError) as failed:
+                    await api.chat.completions.create(model="chatforge", messages=[{"role": "user", "content": "/boom"}])
+                with pytest.raises(openai.APIError, match="failed to answer"):
+                    await streamed(api, "/boom")
+        assert failed.value.body["code"] == "internal_error"
+    run(body())
+
+
+def test_cors_errors_carry_the_headers_a_page_needs():
+    async def body():
+        async with serving({"limits": {"rate_per_minute": 1, "rate_burst": 1}},
+                           cors_origins=["https://app.example"]) as (bot, adapter, url):
+            async with httpx.AsyncClient() as http:
+                headers = {"Origin": "https://app.example"}
+                message = {"model": "chatforge", "messages": [{"role": "user", "content": "hi"}]}
+                await http.post(f"{url}/chat/completions", headers=headers, json=message)
+                limited = await http.post(f"{url}/chat/completions", headers=headers, json=message)
+                preflight = await http.options(f"{url}/chat/completions", headers={
+                    **headers, "Access-Control-Request-Method": "POST",
+                    "Access-Control-Request-Headers": "authorization, content-type, x-stainless-os"})
+        assert limited.status_code == 429
+        assert limited.headers["Access-Control-Allow-Origin"] == "https://app.example"
+        assert "Retry-After" in limited.headers["Access-Control-Expose-Headers"]
+        assert preflight.headers["Access-Control-Allow-Headers"] == "authorization, content-type, x-stainless-os"
+    run(body())
+
+
+def test_too_long_ids_are_refused():
+    async def body():
+        async with serving() as (bot, adapter, url):
+            async with client(url) as api:
+                with pytest.raises(openai.BadRequestError, match="X-Chatforge-Conversation must be printable"):
+                    await api.chat.completions.create(model="chatforge", messages=[{"role": "user", "content": "hi"}],
+                                                      extra_headers={"X-Chatforge-Conversation": "c" * 201})
+    run(body())
