@@ -332,6 +332,26 @@ def test_html_in_a_reply_or_a_message_stays_text(api, open_page):
     assert page.evaluate("window.__xss") is None
 
 
+def test_markdown_stays_fast_on_text_made_to_be_slow(api, open_page):
+    """Re-rendered at every frame while it streams: unmatched markers and deep nesting must cost linear time
+    (60 kB of "*a " took about 16 s when each opener searched the rest of the text for its closer)."""
+    page = open_page(api.url)
+    seconds = page.evaluate("""async () => {
+        const { renderMarkdown } = await import("./static/markdown.js");
+        const texts = ["*a ".repeat(20000), "_a ".repeat(20000), "`a ".repeat(20000), "[".repeat(20000),
+                       "[".repeat(3000) + "x" + "](https://a.b)".repeat(3000), ">".repeat(20000) + " deep",
+                       Array.from({ length: 2000 }, (_, i) => " ".repeat(i % 300) + "- x").join("\\n")];
+        const took = {};
+        for (const text of texts) {
+            const start = performance.now();
+            renderMarkdown(text);
+            took[text.slice(0, 8)] = (performance.now() - start) / 1000;
+        }
+        return took;
+    }""")
+    assert max(seconds.values()) < 3, seconds
+
+
 def test_a_replace_chunk_becomes_the_whole_reply(api, open_page):
     from playwright.sync_api import expect
 
@@ -392,7 +412,7 @@ def test_the_page_asks_for_an_api_key_on_401_and_keeps_it(open_page):
         page.locator("#key-input").fill("wrong-key")
         page.locator("#key-input").press("Enter")
         # Retried once with it, refused: said so, and the refused key is not kept.
-        expect(page.locator("#error")).to_have_text("Invalid API key.")
+        expect(page.locator("#error")).to_have_text("That API key was refused.")
         expect(dialog).to_be_hidden()
         assert page.evaluate("localStorage.getItem('chatforge.apiKey')") is None
 

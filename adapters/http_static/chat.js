@@ -60,13 +60,13 @@ async function request(path, init = {}) {
       throw new ApiError("Cannot reach the server. Check the connection and try again.");
     }
     if (response.status === 401) {
-      const refused = await errorFrom(response);
       if (attempt === 0) {
         await askForKey(apiKey ? "The saved API key was refused. Enter the API key:" : "This chat needs an API key.");
         continue;
       }
+      // The server's words are for API clients (which header to send): a person just needs another key.
       setKey(null); // the next try asks again instead of resending a refused key
-      throw refused;
+      throw new ApiError("That API key was refused.", 401);
     }
     if (!response.ok) throw await errorFrom(response);
     return response;

@@ -243,7 +243,7 @@ function inline(text, parent, depth) {
       i += marker.length;
       continue;
     }
-    if (c === "[" && find("](", i + 1, () => true) >= 0) {
+    if (c === "[" && depth <= MAX_DEPTH && find("](", i + 1, () => true) >= 0) {
       const link = parseLink(text, i);
       if (link) {
         flush();
