@@ -4,7 +4,7 @@ Most tests drive the page against a test double of the HTTP adapter's API (tests
 scripts what a reply is: Markdown, hostile HTML, a replaced reply, errors, a cut connection, a 401. The
 last ones serve it from the real adapter (chatforge.adapters.http) and a test bot: the page answers.
 
-Needs Chromium (/usr/bin/chromium, or CHATFORGE_CHROMIUM) and Playwright's Python package, never its
+Needs Chromium (/usr/bin/chromium, or on PATH, or CHATFORGE_CHROMIUM) and Playwright's Python package, never its
 downloaded browsers; without them the tests are skipped, except on CI (CI=true), where they must run.
 """
 
@@ -12,13 +12,17 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 from pathlib import Path
 
 import pytest
 
 from web_page_server import CSP, STATIC, AdapterServer, FakeChatApi
 
-CHROMIUM = os.environ.get("CHATFORGE_CHROMIUM", "/usr/bin/chromium")
+# Debian's binary; elsewhere the one on PATH (CHATFORGE_CHROMIUM names another, e.g. Chrome's).
+CHROMIUM = os.environ.get("CHATFORGE_CHROMIUM") or (
+    "/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else
+    shutil.which("chromium") or shutil.which("chromium-browser") or "/usr/bin/chromium")
 TIMEOUT_MS = 30_000
 UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
 
