@@ -7,7 +7,9 @@ and accepts connections without limit:
 
 - a connection must complete its request headers within `header_timeout`
   of opening (or of its previous request), or it is closed; while a request
-  is being answered (a reply streaming for a minute) the clock is stopped;
+  is being answered (a reply streaming for a minute) the clock is stopped,
+  and a client that keeps an idle connection after a request (HTTP
+  keep-alive) has it closed without a log line;
 - at most `max_connections` are open at once: a connection beyond them
   gets a 503 and is closed at once, so file descriptors stay bounded;
 - the errors bad clients cause (aiohttp's, and asyncio's failed accept()
@@ -141,7 +143,7 @@ class GuardedServer:
             return await handler(request)
         finally:
             if connection is not None:
-                connection.start_deadline()
+                connection.start_deadline(after_request=True)
 
 
 class _Connection(asyncio.Protocol):
@@ -152,6 +154,7 @@ class _Connection(asyncio.Protocol):
         self.server, self.handler = server, handler
         self.transport: asyncio.Transport | None = None
         self._deadline: asyncio.TimerHandle | None = None
+        self._idle = False  # a request was answered and nothing has come since: a client's keep-alive
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -159,6 +162,7 @@ class _Connection(asyncio.Protocol):
         self.start_deadline()
 
     def data_received(self, data: bytes) -> None:
+        self._idle = False
         self.handler.data_received(data)
 
     def eof_received(self) -> bool | None:
@@ -175,8 +179,9 @@ class _Connection(asyncio.Protocol):
         self.server._connections.pop(self.handler, None)
         self.handler.connection_lost(exc)
 
-    def start_deadline(self) -> None:
+    def start_deadline(self, after_request: bool = False) -> None:
         self.stop_deadline()
+        self._idle = after_request
         self._deadline = asyncio.get_running_loop().call_later(self.server.header_timeout, self._too_slow)
 
     def stop_deadline(self) -> None:
@@ -186,6 +191,9 @@ class _Connection(asyncio.Protocol):
 
     def _too_slow(self) -> None:
         self._deadline = None
+        if self._idle:  # an HTTP client keeping its connection for later: closed, and nothing to report
+            self.abort()
+            return
         self.server.log.warning("closed a connection that sent no complete request headers within %g s",
                                    self.server.header_timeout)
         self.abort()

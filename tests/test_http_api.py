@@ -638,3 +638,22 @@ def test_too_long_ids_are_refused():
                     await api.chat.completions.create(model="chatforge", messages=[{"role": "user", "content": "hi"}],
                                                       extra_headers={"X-Chatforge-Conversation": "c" * 201})
     run(body())
+
+
+def test_an_idle_keep_alive_connection_is_closed_without_a_warning(caplog):
+    async def body():
+        async with serving(header_timeout=0.3) as (bot, adapter, url):
+            async with httpx.AsyncClient() as http:
+                first = await http.get(f"{url}/models")
+                await asyncio.sleep(0.8)  # the client keeps the connection for its next request: normal, not an attack
+                again = await http.get(f"{url}/models")
+            reader, writer = await asyncio.open_connection("127.0.0.1", adapter.port)
+            writer.write(b"GET /v1/models HTTP/1.1\r\nHo")  # half a request, then nothing: worth a line
+            await asyncio.sleep(0.8)
+            writer.close()
+        assert first.status_code == again.status_code == 200
+        return [record.getMessage() for record in caplog.records if record.levelno >= 30]
+
+    warnings = run(body())
+    assert [line for line in warnings if "no complete request headers" in line] == [
+        "closed a connection that sent no complete request headers within 0.3 s"]
