@@ -424,9 +424,12 @@ function resizeInput() {
   ui.input.style.height = `${ui.input.scrollHeight + 2}px`;
 }
 
+// A touch screen's keyboard has no Shift+Enter: there Enter is a new line and the Send button sends.
+const touchKeyboard = window.matchMedia("(pointer: coarse)").matches;
+
 ui.input.addEventListener("keydown", (event) => {
   // Enter sends; Shift+Enter is a new line; Enter that ends an IME composition (Chinese, Japanese) is not a send.
-  if (event.key === "Enter" && !event.shiftKey && !event.isComposing && event.keyCode !== 229) {
+  if (event.key === "Enter" && !event.shiftKey && !touchKeyboard && !event.isComposing && event.keyCode !== 229) {
     event.preventDefault();
     send(ui.input.value);
   } else if (event.key === "Escape" && !ui.commands.hidden) {
