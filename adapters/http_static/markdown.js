@@ -176,8 +176,8 @@ function list(lines, start, parent, depth) {
   return i;
 }
 
-/** Inline Markdown of one line into `parent`. */
-function inline(text, parent, depth) {
+/** Inline Markdown of one line into `parent`; `links` false inside a link's label (no <a> in an <a>). */
+function inline(text, parent, depth, links = true) {
   let buffer = "";
   const flush = () => {
     if (buffer) parent.appendChild(document.createTextNode(buffer));
@@ -228,13 +228,20 @@ function inline(text, parent, depth) {
       const arithmetic = !double && /\d/.test(text[i - 1] ?? "") && /\d/.test(text[open] ?? ""); // 2*3*4 is not italic
       // Emphasis opens before a non-space; _ never inside a word (snake_case stays as it is).
       if (text[open] && !/\s/.test(text[open]) && !(c === "_" && wordBefore) && !arithmetic) {
-        // It closes after a non-space; a single * is not the start of a **; _ not inside a word.
-        const end = find(marker, open + 1, (at) => !/\s/.test(text[at - 1]) &&
-          !(!double && text[at + 1] === c && text[at - 1] !== c) &&
-          !(c === "_" && /[\p{L}\p{N}]/u.test(text[at + marker.length] ?? "")));
+        // It closes after a non-space, at the end of a run of markers (in "b***" the last two close a **, or
+        // the last one a *); a single * never closes on one of a pair (in "*a **b** c*" the pairs are a
+        // nested **, so the run before a single closer is odd); _ not inside a word.
+        const end = find(marker, open + 1, (at) => {
+          if (/\s/.test(text[at - 1]) || text[at + marker.length] === c) return false;
+          if (c === "_" && /[\p{L}\p{N}]/u.test(text[at + marker.length] ?? "")) return false;
+          if (double) return true;
+          let run = at;
+          while (text[run - 1] === c) run--;
+          return (at - run) % 2 === 0;
+        });
         if (end >= 0) {
           flush();
-          inline(text.slice(open, end), el(double ? "strong" : "em", parent), depth + 1);
+          inline(text.slice(open, end), el(double ? "strong" : "em", parent), depth + 1, links);
           i = end + marker.length;
           continue;
         }
@@ -243,7 +250,7 @@ function inline(text, parent, depth) {
       i += marker.length;
       continue;
     }
-    if (c === "[" && depth <= MAX_DEPTH && find("](", i + 1, () => true) >= 0) {
+    if (c === "[" && links && depth <= MAX_DEPTH && find("](", i + 1, () => true) >= 0) {
       const link = parseLink(text, i);
       if (link) {
         flush();
@@ -251,7 +258,7 @@ function inline(text, parent, depth) {
         a.href = link.href;
         a.rel = "noopener noreferrer";
         a.target = "_blank";
-        inline(link.label, a, depth + 1);
+        inline(link.label, a, depth + 1, false);
         i = link.end;
         continue;
       }
@@ -279,11 +286,13 @@ function parseLink(text, start) {
   return { label: text.slice(start + 1, close), href, end: close + 1 + match[0].length };
 }
 
-/** The URL if it is http: or https: (as the browser parses it), else null. */
+/** The URL if it is http: or https: (as the browser parses it) with no user name or password, else null:
+ * https://bank.com@evil.com is evil.com, whatever it looks like. */
 function safeUrl(raw) {
   if (!/^https?:\/\//i.test(raw)) return null;
   try {
     const url = new URL(raw);
+    if (url.username || url.password) return null;
     return url.protocol === "http:" || url.protocol === "https:" ? url.href : null;
   } catch {
     return null;
