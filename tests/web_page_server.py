@@ -66,6 +66,10 @@ class Script:
     """Sent as a last chunk's `chatforge.replace`."""
     error: str | None = None
     """Sent as an error chunk after the pieces (and then no [DONE])."""
+    raw: list[str] = field(default_factory=list)
+    """Sent as they are, each as one event's data, after the pieces (to send what is not a chunk)."""
+    pause: float = 0.0
+    """Seconds to wait after the pieces before the end (to look at the page while a reply streams)."""
     cut: bool = False
     """Close the connection after the pieces, without [DONE]."""
     status: int = 200
@@ -217,6 +221,10 @@ class FakeChatApi:
             await response.write(data[:middle])
             await asyncio.sleep(0.005)
             await response.write(data[middle:])
+        for data in script.raw:
+            await response.write(f"data: {data}\n\n".encode())
+        if script.pause:
+            await asyncio.sleep(script.pause)
         if script.error is not None:
             await response.write(f"data: {json.dumps({'error': {'message': script.error, 'type': 'server_error'}})}"
                                  "\n\n".encode())

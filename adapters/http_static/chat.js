@@ -8,7 +8,7 @@ const ui = {
   name: $("bot-name"), messages: $("messages"), composer: $("composer"), input: $("input"), send: $("send"),
   newChat: $("new-chat"), commandsButton: $("commands-button"), commands: $("commands"), error: $("error"),
   keyDialog: $("key-dialog"), keyForm: $("key-form"), keyInput: $("key-input"), keyMessage: $("key-message"),
-  keyCancel: $("key-cancel"),
+  keyCancel: $("key-cancel"), keyProblem: $("key-problem"), forgetKey: $("forget-key"),
 };
 
 const KEY = "chatforge.apiKey";
@@ -26,7 +26,11 @@ const storage = (area) => ({
 const local = storage(() => window.localStorage);
 const session = storage(() => window.sessionStorage);
 
-let apiKey = local.get(KEY);
+// What an Authorization header can carry: printable ASCII, no spaces. A pasted key with a zero-width space or a
+// curly quote in it would make fetch throw building the headers (which looks like "cannot reach the server").
+const VALID_KEY = /^[\x21-\x7e]+$/;
+let apiKey = VALID_KEY.test(local.get(KEY) || "") ? local.get(KEY) : null;
+if (!apiKey) local.set(KEY, null); // a bad one saved by an older page is dropped: the page asks again
 let conversationId = local.get(CONVERSATION) || newConversation();
 let model = null;
 let commandPrefix = "/";
@@ -95,8 +99,27 @@ function retryAfter(value) {
 }
 
 function setKey(key) {
-  apiKey = key || null;
+  apiKey = key && VALID_KEY.test(key) ? key : null;
   local.set(KEY, apiKey);
+  ui.forgetKey.hidden = !apiKey;
+}
+
+/** What is wrong with a key typed or pasted in the dialog, in a person's words; null if nothing is. */
+function keyProblem(key) {
+  if (VALID_KEY.test(key)) return null;
+  const bad = [...key].find((character) => !/[\x21-\x7e]/.test(character));
+  const code = `U+${bad.codePointAt(0).toString(16).toUpperCase().padStart(4, "0")}`;
+  const what = /\s/.test(bad) ? `a space (${code})`
+    : /[\p{Cf}\p{Cc}]/u.test(bad) ? `an invisible character (${code}), perhaps pasted with it`
+      : `the character \u201c${bad}\u201d (${code}), perhaps changed by the editor it was copied from`;
+  return `This key contains ${what}. An API key is plain ASCII letters, digits and symbols: paste it again, or type it.`;
+}
+
+function showKeyProblem(problem) {
+  ui.keyProblem.textContent = problem || "";
+  ui.keyProblem.hidden = !problem;
+  if (problem) ui.keyInput.setAttribute("aria-invalid", "true");
+  else ui.keyInput.removeAttribute("aria-invalid");
 }
 
 // One dialog for all the requests refused at once (the model, the commands and a message may all be).
@@ -106,8 +129,10 @@ function askForKey(message) {
     keyRequest = new Promise((resolve, reject) => {
       ui.keyMessage.textContent = message;
       ui.keyInput.value = "";
+      showKeyProblem(null);
       const finish = (key) => {
         ui.keyForm.removeEventListener("submit", onSubmit);
+        ui.keyInput.removeEventListener("input", onInput);
         ui.keyCancel.removeEventListener("click", onCancel);
         ui.keyDialog.removeEventListener("cancel", onCancel);
         if (ui.keyDialog.open) ui.keyDialog.close();
@@ -117,10 +142,15 @@ function askForKey(message) {
       const onSubmit = (event) => {
         event.preventDefault(); // no navigation (and the page's CSP has form-action 'none')
         const key = ui.keyInput.value.trim();
-        if (key) finish(key);
+        if (!key) return;
+        const problem = keyProblem(key);
+        if (problem) { showKeyProblem(problem); ui.keyInput.focus(); return; } // never saved, never sent
+        finish(key);
       };
+      const onInput = () => showKeyProblem(null);
       const onCancel = (event) => { event.preventDefault(); finish(null); };
       ui.keyForm.addEventListener("submit", onSubmit);
+      ui.keyInput.addEventListener("input", onInput);
       ui.keyCancel.addEventListener("click", onCancel);
       ui.keyDialog.addEventListener("cancel", onCancel); // Escape
       ui.keyDialog.showModal();
@@ -136,6 +166,7 @@ async function loadModel() {
   if (!first || !first.id) throw new ApiError("The server lists no model.");
   model = String(first.id);
   ui.name.textContent = model;
+  for (const speaker of ui.messages.querySelectorAll(".message.bot .speaker")) speaker.textContent = `${model}:`;
   document.title = model;
 }
 
@@ -174,6 +205,15 @@ function startNewChat() {
 
 function remember(role, text) {
   transcript.push({ role, text });
+  saveTranscript();
+}
+
+function forgetLast(role, text) {
+  const last = transcript[transcript.length - 1];
+  if (last && last.role === role && last.text === text) { transcript.pop(); saveTranscript(); }
+}
+
+function saveTranscript() {
   transcript = transcript.slice(-KEPT_MESSAGES);
   session.set(TRANSCRIPT, JSON.stringify({ conversation: conversationId, messages: transcript }));
 }
@@ -197,6 +237,11 @@ function restoreTranscript() {
 function addMessage(role) {
   const message = document.createElement("div");
   message.className = `message ${role}`;
+  // Who said it, for screen readers (the bubbles' sides and colours say it to the eye).
+  const speaker = document.createElement("span");
+  speaker.className = "speaker visually-hidden";
+  speaker.textContent = role === "user" ? "You:" : `${model || ui.name.textContent}:`;
+  message.appendChild(speaker);
   const body = document.createElement("div");
   body.className = "body";
   message.appendChild(body);
@@ -223,7 +268,9 @@ function scrollToEnd(force) {
 
 function setBusy(busy) {
   ui.send.disabled = busy;
-  ui.composer.setAttribute("aria-busy", String(busy));
+  // The log is read when a reply is complete, not again at every frame that re-renders it.
+  if (busy) ui.messages.setAttribute("aria-busy", "true");
+  else ui.messages.removeAttribute("aria-busy");
 }
 
 async function send(text) {
@@ -259,8 +306,10 @@ async function send(text) {
     remember("bot", reply);
   } catch (error) {
     if (turn.abort.signal.aborted) return; // "New chat" cleared the page
-    if (!started) {
-      // The server never took the message: take it back and give the text back to edit or resend.
+    if (!started || error.beforeReply) {
+      // The server never took the message, or failed before a word of the reply: take it back and give the
+      // text back to edit or resend.
+      if (started) forgetLast("user", text);
       question.remove();
       answer.remove();
       if (!ui.input.value) { ui.input.value = text; resizeInput(); }
@@ -340,7 +389,12 @@ async function readReply(response, message, signal) {
         data = [];
         if (event.trim() === "[DONE]") return finish(text);
         const chunk = JSON.parse(event);
-        if (chunk.error) throw new ApiError(String(chunk.error.message || "The reply failed."));
+        if (!chunk || typeof chunk !== "object" || Array.isArray(chunk)) throw new SyntaxError("not a chunk");
+        if (chunk.error) {
+          const error = new ApiError(String(chunk.error.message || "The reply failed."));
+          error.beforeReply = !text; // nothing shown yet: the message is given back, as when it is refused
+          throw error;
+        }
         if (chunk.chatforge && typeof chunk.chatforge.replace === "string") {
           text = chunk.chatforge.replace; // a plugin changed the reply after it streamed
         } else {
@@ -451,7 +505,15 @@ ui.input.addEventListener("input", () => {
 
 ui.composer.addEventListener("submit", (event) => {
   event.preventDefault();
+  // Clicking Send moved the focus to it (and disabling it drops the focus): back to the input, to type the
+  // next message. Not on a touch screen, where that would bring the keyboard up over the reply.
+  if (!touchKeyboard) ui.input.focus();
   send(ui.input.value);
+});
+
+ui.forgetKey.addEventListener("click", () => {
+  setKey(null); // the next request that needs one asks for it
+  ui.input.focus();
 });
 
 ui.newChat.addEventListener("click", startNewChat);
@@ -463,6 +525,7 @@ ui.commandsButton.addEventListener("click", () => {
 
 // ------------------------------------------------------------------ start
 
+ui.forgetKey.hidden = !apiKey;
 restoreTranscript();
 ui.input.focus();
 Promise.all([loadModel(), loadCommands()]).catch((error) => showError(error.message || String(error)));
