@@ -339,8 +339,10 @@ class HttpAdapter(Adapter):
         raise ApiError(401, f"{detail}: send Authorization: Bearer KEY, with one of adapters.http.api_keys.",
                        code="invalid_api_key")
 
-    def _caller(self, request: web.Request, body: dict[str, Any] | None = None) -> Caller:
-        principal = self._principal(request)
+    def _caller(self, request: web.Request, body: dict[str, Any] | None = None, principal: str | None = None
+                ) -> Caller:
+        """Who is asking (401 without a valid key, unless `principal` says the key was checked already)."""
+        principal = principal or self._principal(request)
         user = _client_id((body or {}).get("user"), "user") or _client_id(
             request.headers.get("X-OpenWebUI-User-Id"), "X-OpenWebUI-User-Id")
         conversation = _client_id(request.headers.get("X-Chatforge-Conversation"), "X-Chatforge-Conversation") or \
@@ -376,7 +378,7 @@ class HttpAdapter(Adapter):
 
     async def _chat_completions(self, request: web.Request) -> web.StreamResponse:
         received = time.monotonic()
-        self._principal(request)  # before the body is read: no key, no work
+        principal = self._principal(request)  # before the body is read: no key, no work
         if request.content_type != "application/json":  # a form or text/plain post could come from any site
             raise ApiError(415, "Send the request as JSON, with Content-Type: application/json.",
                            code="unsupported_media_type")
@@ -391,8 +393,7 @@ class HttpAdapter(Adapter):
             raise ApiError(400, "stream must be true or false.", param="stream")
         options = body.get("stream_options") or {}
         include_usage = isinstance(options, dict) and options.get("include_usage") is True
-        caller = self._caller(request, body)
-        message = caller.message(text)
+        message = self._caller(request, body, principal).message(text)
         earlier = self._earlier_turns(earlier_messages, message)
         admission = self.engine.admit(message)
         if not admission.admitted:
