@@ -19,6 +19,11 @@ Figures (medians over --rounds rounds, the systems interleaved within each round
 
 Each (model, thread count) runs in a process of its own (this file with --worker), one after another.
 
+Known problem, not yet fixed: the systems share that process, and its figures come out 2-3x below each
+system's own (plain fp32 decodes 10 tok/s here against 24 in bench/generation.py). ONNX Runtime's and
+CTranslate2's thread pools likely spin between calls. Do not quote these figures until each system runs in
+a process of its own.
+
     .venv/bin/pip install -e ".[bench]" && .venv/bin/python bench/peers.py [--rounds 5] [--models smollm2,gpt2] [--threads 1,2]
 
 About 10 minutes per model and thread count. Writes JSON to --out and prints a table per model.
