@@ -210,19 +210,26 @@ def test_a_burst_beyond_the_rate_limit_gets_429_with_retry_after():
     run(body())
 
 
+class WaitsForRelease:
+    """/wait answers `answer` once `release` is set (10 s at most): a reply held in flight."""
+
+    def __init__(self, answer: str) -> None:
+        self.answer, self.release = answer, asyncio.Event()
+
+    @hookimpl
+    def chatforge_register_commands(self, register):
+        async def wait(ctx):
+            await asyncio.wait_for(self.release.wait(), 10)
+            return self.answer
+        register("wait", wait, help="wait")
+
+
 def test_busy_is_503_with_retry_after():
     async def body():
-        release = asyncio.Event()
+        slow = WaitsForRelease("done")
+        release = slow.release
 
-        class Slow:
-            @hookimpl
-            def chatforge_register_commands(self, register):
-                async def wait(ctx):
-                    await asyncio.wait_for(release.wait(), 10)
-                    return "done"
-                register("wait", wait, help="wait")
-
-        async with serving({"limits": {"max_pending": 1}}, plugins={"slow": Slow()}) as (bot, adapter, url):
+        async with serving({"limits": {"max_pending": 1}}, plugins={"slow": slow}) as (bot, adapter, url):
             async with client(url) as api:
                 first = asyncio.create_task(api.chat.completions.create(
                     model="chatforge", user="a", messages=[{"role": "user", "content": "/wait"}]))
@@ -322,17 +329,10 @@ def test_the_command_list_is_what_help_lists():
 
 def test_stopping_lets_a_reply_in_flight_finish_and_refuses_new_ones():
     async def body():
-        release = asyncio.Event()
+        slow = WaitsForRelease("finished")
+        release = slow.release
 
-        class Slow:
-            @hookimpl
-            def chatforge_register_commands(self, register):
-                async def wait(ctx):
-                    await asyncio.wait_for(release.wait(), 10)
-                    return "finished"
-                register("wait", wait, help="wait")
-
-        bot = make_bot(plugins={"slow": Slow()})
+        bot = make_bot(plugins={"slow": slow})
         adapter = HttpAdapter(bot.engine, HttpConfig(enabled=True, port=0))
         running = asyncio.create_task(adapter.run())
         await asyncio.wait_for(adapter.started.wait(), 10)
