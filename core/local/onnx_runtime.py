@@ -38,6 +38,9 @@ from .model_loading import ModelLoadError, progress
 log = logging.getLogger("chatforge.generator")
 
 QUANTIZATIONS = ("none", "int8")
+GRAPH_VERSION = 2
+"""Bumped when the graph `build` makes changes (2: fused normalizations, grouped attention), so older exports
+are made again."""
 INT8_BLOCK = 128
 """Weights per int8 scale. On SmolLM2: 128 decodes 3.9x plain fp32 (perplexity +1.3%), 64 3.5x (+1.5%),
 32 3.4x (+0.15%); 128 is the fastest that keeps perplexity within 2%."""
@@ -82,13 +85,15 @@ def build(model: Any, target: Path, quantize: str) -> None:
         scratch = Path(scratch)
         exported = scratch / "exported" / "model.onnx"
         export(model, exported)
+        fused = scratch / "fused" / "model.onnx"
+        fuse_norms(exported, fused)
         result = scratch / "result" / "model.onnx"
         if quantize == "int8":
             folded = scratch / "folded" / "model.onnx"
-            fold_weights(exported, folded)
+            fold_weights(fused, folded)
             quantize_int8(folded, result)
         else:
-            exported.parent.rename(result.parent)
+            fused.parent.rename(result.parent)
         shutil.rmtree(target.parent, ignore_errors=True)
         result.parent.rename(target.parent)
 
@@ -99,6 +104,7 @@ def export(model: Any, target: Path) -> None:
 
     layers, kv_heads, head_dim = kv_shape(model.config)
     keyword = cache_keyword(model)
+    _register_grouped_attention()
 
     class ExplicitCache(torch.nn.Module):
         def __init__(self, wrapped: Any) -> None:
@@ -127,13 +133,66 @@ def export(model: Any, target: Path) -> None:
               tuple({0: dynamic, 2: dynamic} for _ in range(2 * layers)))
     names = [f"{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
     target.parent.mkdir(parents=True, exist_ok=True)
-    with torch.no_grad(), _attention(model, "eager"):  # plain MatMul/Softmax: ~10% faster under ORT than SDPA's
+    heads = getattr(model.config, "num_attention_heads", None) or model.config.n_head
+    # Plain MatMul/Softmax: ~10% faster under ORT than SDPA's; grouped when keys and values are shared.
+    implementation = GROUPED_ATTENTION if kv_heads < heads else "eager"
+    with torch.no_grad(), _attention(model, implementation):
         torch.onnx.export(
             ExplicitCache(model).eval(), example, str(target),
             input_names=["input_ids", "attention_mask", "position_ids"] + [f"past.{name}" for name in names],
             output_names=["logits"] + [f"present.{name}" for name in names],
             dynamic_shapes=shapes, dynamo=True, external_data=True, optimize=True, verbose=False,
         )
+
+
+GROUPED_ATTENTION = "chatforge_grouped"
+
+
+def grouped_attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any, scaling: float,
+                      dropout: float = 0.0, **kwargs: Any) -> tuple[Any, None]:
+    """transformers' eager attention without copying the shared keys and values once per query head.
+
+    With grouped-query attention (SmolLM2: 9 query heads share 3 key/value heads) eager attention expands
+    the cache to one copy per query head every step; here each key/value head's queries are stacked and
+    multiplied by the cache as it is. The same arithmetic, so the same logits.
+    """
+    batch, heads, length, size = query.shape
+    kv_heads = key.shape[1]
+    groups = heads // kv_heads
+    weights = torch.matmul(query.reshape(batch, kv_heads, groups * length, size), key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        weights = (weights.view(batch, kv_heads, groups, length, -1) + attention_mask.unsqueeze(2)
+                   ).view(batch, kv_heads, groups * length, -1)
+    weights = torch.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    output = torch.matmul(weights, value).view(batch, heads, length, size)
+    return output.transpose(1, 2).contiguous(), None
+
+
+def _register_grouped_attention() -> None:
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import eager_mask
+
+    AttentionInterface.register(GROUPED_ATTENTION, grouped_attention)
+    AttentionMaskInterface.register(GROUPED_ATTENTION, eager_mask)
+
+
+def fuse_norms(source: Path, target: Path) -> None:
+    """Each RMSNorm, and each residual Add followed by one, as one of ONNX Runtime's fused kernels.
+
+    The exporter writes an RMSNorm as six small ops (Pow, ReduceMean, Add, Sqrt, Reciprocal, Mul); at batch 1
+    each op costs more in dispatch than in arithmetic, so on SmolLM2 (121 norms) the fused graph decodes
+    about 10% faster. onnxscript's own ONNX Runtime rewrite rules do it; GPT-2's LayerNorm is left to
+    ONNX Runtime, which fuses it itself.
+    """
+    import onnx_ir
+    from onnxscript.rewriter.ort_fusions.rms_normalization import fuse_rms_normalization
+    from onnxscript.rewriter.ort_fusions.skip_normalization import fuse_skip_rms_normalization
+
+    graph = onnx_ir.load(str(source))
+    fused = fuse_rms_normalization(graph) + fuse_skip_rms_normalization(graph)
+    log.debug("fused %d normalizations", fused)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    onnx_ir.save(graph, str(target), external_data=f"{target.name}.data")
 
 
 def fold_weights(source: Path, target: Path) -> None:
@@ -299,13 +358,14 @@ def kv_shape(config: Any) -> tuple[int, int, int]:
 
 
 def fingerprint(model: Any) -> str:
-    """Which export fits this model: its config, a sample of every weight, the libraries, the int8 block."""
+    """Which export fits this model: its config, a sample of every weight, the libraries, the int8 block, the graph."""
     import onnxruntime
     import transformers
 
     digest = hashlib.sha256()
     digest.update(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
-    digest.update(f"{torch.__version__} {transformers.__version__} {onnxruntime.__version__} {INT8_BLOCK}".encode())
+    digest.update(f"{torch.__version__} {transformers.__version__} {onnxruntime.__version__} {INT8_BLOCK}"
+                  f" {GRAPH_VERSION}".encode())
     for name, tensor in model.state_dict().items():
         digest.update(name.encode())
         digest.update(tensor.detach().flatten()[:64].float().numpy().tobytes())
