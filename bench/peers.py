@@ -374,9 +374,13 @@ def gguf_file(folder: Path, quantization: str) -> Path:
     full = cache / "model-F32.gguf"
     if not full.is_file():
         converter = llama_converter(llama_cpp.__version__)
-        subprocess.run([sys.executable, str(converter), str(folder), "--outtype", "f32", "--outfile", str(full)],
-                       check=True, capture_output=True,
-                       env={**os.environ, "PYTHONPATH": str(converter.parent / "gguf-py")})
+        done = subprocess.run([sys.executable, str(converter), str(converter_ready(folder, cache)), "--outtype", "f32",
+                               "--outfile", str(full)],
+                              capture_output=True, text=True,
+                              env={**os.environ, "PYTHONPATH": str(converter.parent / "gguf-py")})
+        if done.returncode:
+            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            raise RuntimeError(f"llama.cpp's converter cannot convert {folder.name}: {last}")
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{quantization}")
     partial = target.with_suffix(".partial")
@@ -384,6 +388,23 @@ def gguf_file(folder: Path, quantization: str) -> Path:
         raise RuntimeError(f"llama.cpp could not quantize {full} to {quantization}")
     partial.rename(target)
     return target
+
+
+def converter_ready(folder: Path, cache: Path) -> Path:
+    """`folder`, or a copy of it (weights linked) whose config has the keys llama.cpp's converter reads.
+
+    transformers 5 no longer writes GPT-2's `n_ctx` (it is `n_positions`); the converter still reads it.
+    """
+    config = json.loads((folder / "config.json").read_text())
+    if config.get("model_type") != "gpt2" or "n_ctx" in config:
+        return folder
+    staged = cache / "hf"
+    staged.mkdir(parents=True, exist_ok=True)
+    for item in folder.iterdir():
+        if item.name != "config.json" and not (staged / item.name).exists():
+            (staged / item.name).symlink_to(item.resolve())
+    (staged / "config.json").write_text(json.dumps({**config, "n_ctx": config["n_positions"]}, indent=2))
+    return staged
 
 
 def llama_converter(version: str) -> Path:
@@ -439,7 +460,7 @@ def serve(folder: Path, threads: int, name: str, workload: Path, llama_server: s
     work = Workload(json.loads(workload.read_text()))
     try:
         system = open_system(name, folder, threads, llama_server)
-    except ImportError as exc:
+    except (ImportError, RuntimeError) as exc:  # a missing library, a model the system cannot take
         replies.write(json.dumps({"skipped": str(exc)}) + "\n")
         return
     replies.write(json.dumps({"ready": True, "eight_how": system.eight_how, "weight_bytes": system.weight_bytes,
