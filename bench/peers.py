@@ -41,7 +41,7 @@ minutes, and pass it with --llama-server (or put it on PATH):
     cmake -B build -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON \
         -DLLAMA_CURL=OFF -DCMAKE_BUILD_TYPE=Release && cmake --build build --target llama-server -j2
 
-About 8 minutes per model and thread count. Writes JSON to --out and prints a table per model.
+About 11 minutes per model and thread count (45 for the default four). Writes JSON to --out and prints a table per model.
 """
 
 from __future__ import annotations
@@ -315,7 +315,7 @@ class LlamaServer:
         self.process = subprocess.Popen(
             [binary, "-m", str(gguf), "--host", "127.0.0.1", "--port", str(self.port), "--parallel", str(slots),
              "--ctx-size", str(slots * 1024), "--threads", str(threads), "--threads-batch", str(threads),
-             "--no-warmup"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             "--no-warmup"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + 120
         while not self._healthy():
             if self.process.poll() is not None or time.monotonic() > deadline:
@@ -446,7 +446,7 @@ def open_system(name: str, folder: Path, threads: int, llama_server: str | None)
         import llama_cpp  # noqa: F401
     except ImportError:
         raise ImportError("llama-cpp-python is not installed (it compiles llama.cpp, about 10 minutes: see "
-                          "../shared/OFFLINE.md for the build that works here)") from None
+                          "this file's docstring for the build that works here)") from None
     return LlamaCpp(folder, LLAMA[name], threads, llama_server)
 
 
@@ -466,14 +466,16 @@ def serve(folder: Path, threads: int, name: str, workload: Path, llama_server: s
     replies.write(json.dumps({"ready": True, "eight_how": system.eight_how, "weight_bytes": system.weight_bytes,
                               "prompt_tokens": len(work.prompt),
                               "follow_up_tokens": len(work.follow_up)}) + "\n")
-    for line in sys.stdin:
-        if line.strip() != "round":
-            break
-        first, decode = system.one(work)
-        replies.write(json.dumps({"ttft": first, "decode": decode, "follow_up": system.follow_up(work),
-                                  "eight": system.eight(work)}) + "\n")
-    rss_mb = int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    system.close()
+    try:
+        for line in sys.stdin:
+            if line.strip() != "round":
+                break
+            first, decode = system.one(work)
+            replies.write(json.dumps({"ttft": first, "decode": decode, "follow_up": system.follow_up(work),
+                                      "eight": system.eight(work)}) + "\n")
+        rss_mb = int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    finally:
+        system.close()  # llama.cpp's server too, whatever happened
     replies.write(json.dumps({"peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                               "rss_mb": rss_mb}) + "\n")
 
@@ -498,10 +500,10 @@ def compare(model: str, threads: int, rounds: int, names: list[str], llama_serve
             worker = subprocess.Popen([sys.executable, __file__, "--serve", str(folder), str(threads), name, str(workload),
                                        "--llama-server", llama_server or ""],
                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
-            first = json.loads(worker.stdout.readline() or '{"skipped": "the process failed to start"}')
+            first = json.loads(worker.stdout.readline() or '{"skipped": "the process failed to start (see above)"}')
             if "skipped" in first:
                 skipped[name] = first["skipped"]
-                worker.wait(timeout=60)
+                stop(worker)
                 continue
             info, ready[name] = first, first
             workers[name] = worker
@@ -509,23 +511,26 @@ def compare(model: str, threads: int, rounds: int, names: list[str], llama_serve
         for round_index in range(rounds):
             order = list(workers) if round_index % 2 == 0 else list(reversed(workers))
             for name in order:
+                if name in skipped:
+                    continue
                 workers[name].stdin.write("round\n")
-                result = json.loads(workers[name].stdout.readline())
-                for key, value in result.items():
+                line = workers[name].stdout.readline()
+                if not line:  # it crashed (its traceback is above): the others go on
+                    skipped[name] = f"failed in round {round_index + 1}"
+                    continue
+                for key, value in json.loads(line).items():
                     figures[name][key].append(value)
             print(f"  {model}, {threads} thread(s): round {round_index + 1} of {rounds} done", file=sys.stderr)
         for name, worker in workers.items():
-            worker.stdin.write("quit\n")
-            worker.stdin.flush()
-            memory[name] = json.loads(worker.stdout.readline())
-            worker.wait(timeout=60)
+            if name not in skipped:
+                worker.stdin.write("quit\n")
+                worker.stdin.flush()
+                memory[name] = json.loads(worker.stdout.readline())
     finally:
         for worker in workers.values():
-            if worker.poll() is None:
-                worker.kill()
-                worker.wait()
+            stop(worker)
     rows = {}
-    for name in workers:
+    for name in [name for name in workers if name not in skipped]:
         medians = {key: statistics.median(values) for key, values in figures[name].items()}
         width = CHATFORGE[name][1] if name in CHATFORGE else 1.0 if name == CT2 else 4.0
         bound = bandwidth * 1e9 / (ready[name]["weight_bytes"] or weights * width)
@@ -535,6 +540,23 @@ def compare(model: str, threads: int, rounds: int, names: list[str], llama_serve
     return {"model": description, "threads": threads, "rounds": rounds, "bandwidth_gb_s": round(bandwidth, 1),
             "weights": weights, "prompt_tokens": info.get("prompt_tokens"),
             "follow_up_prompt_tokens": info.get("follow_up_tokens"), "rows": rows, "skipped": skipped}
+
+
+def stop(worker: subprocess.Popen) -> None:
+    """Let a system's process end (its stdin closed, it closes its llama-server); terminate it, then kill it,
+    if it does not."""
+    if worker.stdin and not worker.stdin.closed:
+        try:
+            worker.stdin.close()
+        except BrokenPipeError:
+            pass
+    for ask in (lambda: None, worker.terminate, worker.kill):
+        ask()
+        try:
+            worker.wait(timeout=30)
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def weight_count(folder: Path) -> int:

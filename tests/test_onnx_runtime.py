@@ -108,9 +108,11 @@ def generator_on(loaded, runtime_model, **settings) -> TransformersGenerator:
     return TransformersGenerator(LoadedModel(runtime_model, loaded.tokenizer, loaded.name), config)
 
 
-def test_replies_batched_and_follow_ups_match_torch(gpt2, exports):
-    onnx_model = onnx_runtime.load(gpt2.model, exports)
-    on_torch, on_onnx = generator_on(gpt2, gpt2.model), generator_on(gpt2, onnx_model)
+@pytest.mark.parametrize("model", ["gpt2", "tiny_llama"])  # tiny_llama: grouped attention, left padding
+def test_replies_batched_and_follow_ups_match_torch(model, request, exports):
+    loaded = request.getfixturevalue(model)
+    onnx_model = onnx_runtime.load(loaded.model, exports)
+    on_torch, on_onnx = generator_on(loaded, loaded.model), generator_on(loaded, onnx_model)
 
     async def crowd(generator):
         return await asyncio.gather(*(generator.reply([], text) for text in PROMPTS))
@@ -182,10 +184,12 @@ def test_a_missing_runtime_is_named_with_its_install_command(tmp_path, monkeypat
         create_generator(settings)
 
 
-def test_exporting_leaves_the_torch_model_as_it_was(gpt2, tmp_path):
-    before = gpt2.model.config._attn_implementation
-    onnx_runtime.load(gpt2.model, tmp_path)
-    assert gpt2.model.config._attn_implementation == before
+@pytest.mark.parametrize("model", ["gpt2", "tiny_llama"])
+def test_exporting_leaves_the_torch_model_as_it_was(model, request, tmp_path):
+    loaded = request.getfixturevalue(model)
+    before = loaded.model.config._attn_implementation
+    onnx_runtime.load(loaded.model, tmp_path)
+    assert loaded.model.config._attn_implementation == before
 
 
 def test_a_model_that_cannot_be_exported_is_a_clear_error_leaving_nothing_behind(gpt2, tmp_path, monkeypatch):
