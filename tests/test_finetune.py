@@ -626,6 +626,28 @@ def deliver_sigint() -> None:
         time.sleep(0.001)
 
 
+def test_every_finished_step_is_reported_even_when_two_ctrl_cs_land_in_its_update(gpt2, tmp_path, monkeypatch):
+    """The update is deferred, so both signals are acted on after it: the step counts, and its progress
+    line must be printed before the run stops, or the user is told of fewer steps than were saved."""
+    builder, train_examples, _ = pattern_data(gpt2)
+    clip = torch.nn.utils.clip_grad_norm_
+    updates = {"count": 0}
+
+    def two_ctrl_cs_in_update_4(*args, **kwargs):
+        updates["count"] += 1
+        if updates["count"] == 4:
+            deliver_sigint()
+            deliver_sigint()
+        return clip(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", two_ctrl_cs_in_update_4)
+    seen = []
+    report = train(fresh(gpt2), builder, train_examples, [], TrainingOptions(max_steps=8, **QUICK),
+                   tmp_path / "adapter", on_progress=seen.append)
+    assert (report.interrupted, report.steps_done) == (True, 4)
+    assert [info.step for info in seen] == [1, 2, 3, 4]
+
+
 def test_ctrl_c_never_cuts_an_update_or_a_save_in_half(capsys):
     """Inside `deferred` (the optimizer update, a save) a first Ctrl-C only asks to stop and a second is
     acted on when the block is done; outside, the second stops at once."""

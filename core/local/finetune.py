@@ -582,7 +582,9 @@ class _Run:
                 began = time.monotonic()
                 rate = self.scheduler.get_last_lr()[0]
                 loss = self._forward_backward()
-                with interrupts.deferred():  # the update, and its record, happen whole or not at all
+                # The update, its record and its progress report happen whole or not at all: a step that
+                # counts is always reported, so the user is never told of fewer steps than were saved.
+                with interrupts.deferred():
                     torch.nn.utils.clip_grad_norm_(self.parameters, MAX_GRAD_NORM)
                     self.optimizer.step()
                     self.scheduler.step()
@@ -590,12 +592,12 @@ class _Run:
                     self.step += 1
                     self.losses.append(loss)
                     cutting = False
-                durations.append(time.monotonic() - began)
-                if on_progress is not None:
-                    recent = durations[-10:]
-                    per_step = sum(recent) / len(recent)
-                    on_progress(ProgressInfo(self.step, self.total, loss, rate, per_step,
-                                             per_step * (self.total - self.step), self._epoch()))
+                    durations.append(time.monotonic() - began)
+                    if on_progress is not None:
+                        recent = durations[-10:]
+                        per_step = sum(recent) / len(recent)
+                        on_progress(ProgressInfo(self.step, self.total, loss, rate, per_step,
+                                                 per_step * (self.total - self.step), self._epoch()))
                 if self.options.save_every and self.step % self.options.save_every == 0 and self.step < self.total:
                     with interrupts.deferred():
                         self._save(interrupted=False, after=None)
@@ -770,7 +772,7 @@ def _quiet_peft() -> Iterator[None]:
 class _Interrupts:
     """Ctrl-C during training: the first ends it after the current step, a second at once.
 
-    Updates and saves are never cut: a Ctrl-C during one is acted on after it. Off the main thread, where
+    Updates (with their progress report) and saves are never cut: a Ctrl-C during one is acted on after it. Off the main thread, where
     Python delivers no signals, nothing is installed and KeyboardInterrupt (from a callback) still works.
     """
 
