@@ -772,8 +772,9 @@ def _quiet_peft() -> Iterator[None]:
 class _Interrupts:
     """Ctrl-C during training: the first ends it after the current step, a second at once.
 
-    Updates (with their progress report) and saves are never cut: a Ctrl-C during one is acted on after it. Off the main thread, where
-    Python delivers no signals, nothing is installed and KeyboardInterrupt (from a callback) still works.
+    Updates (with their progress report) and saves are never cut: a Ctrl-C during one is acted on after
+    it. Off the main thread, where Python delivers no signals, nothing is installed and KeyboardInterrupt
+    (from a callback) still works.
     """
 
     def __init__(self) -> None:
