@@ -535,11 +535,12 @@ def test_a_run_that_crashed_resumes_from_its_last_checkpoint(tiny_llama, tmp_pat
             raise RuntimeError("the disk is full")
 
     out = tmp_path / "crashed"
+    handler = signal.getsignal(signal.SIGINT)  # Python's own, or SIG_IGN when started in the background
     with pytest.raises(RuntimeError, match="the disk is full"):
         train(fresh(tiny_llama), builder, train_examples, held_out, options, out, on_progress=crash)
     assert torch.load(out / STATE_NAME, weights_only=True)["step"] == 6
     assert read_card(out)["training"]["steps"] == 6
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C is Python's again
+    assert signal.getsignal(signal.SIGINT) is handler  # Ctrl-C does what it did before the run
     resumed = train(fresh(tiny_llama), builder, train_examples, held_out, options, out, resume=True)
     assert resumed.resumed_from == 6 and resumed.losses == pytest.approx(whole.losses, abs=1e-6)
 
@@ -653,6 +654,7 @@ def test_ctrl_c_never_cuts_an_update_or_a_save_in_half(capsys):
     acted on when the block is done; outside, the second stops at once."""
     from chatforge.local.finetune import _Interrupts
 
+    handler = signal.getsignal(signal.SIGINT)
     interrupts = _Interrupts()
     finished = []
     try:
@@ -669,7 +671,7 @@ def test_ctrl_c_never_cuts_an_update_or_a_save_in_half(capsys):
             deliver_sigint()
     finally:
         interrupts.restore()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is handler
     assert capsys.readouterr().err.count("stopping after this step and saving") == 1
 
 
