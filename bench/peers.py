@@ -191,7 +191,8 @@ class Chatforge(System):
 
     def eight(self, work):
         """The crowd's prompts, NEW_TOKENS each with EOS ignored (as every other system does), all submitted
-        at once to the generator's continuous batcher: the same work as CTranslate2's static batch."""
+        at once to the generator's continuous batcher: the same work as CTranslate2's static batch. Like
+        CTranslate2's, and unlike llama-server's, it skips per-token detokenizing and stop checks."""
         from chatforge.local.batching import Job
 
         self._fresh()
@@ -199,7 +200,7 @@ class Chatforge(System):
         eos, batcher.eos_token_ids = batcher.eos_token_ids, set()
         try:
             started = time.perf_counter()
-            futures = [batcher.submit(Job(ids, NEW_TOKENS, lambda token: False, False)) for ids in work.crowd]
+            futures = [batcher.submit(Job(ids, NEW_TOKENS, lambda token: False, reuse_cache=False)) for ids in work.crowd]
             new_tokens = sum(future.result(timeout=600).new_tokens for future in futures)
             return new_tokens / (time.perf_counter() - started)
         finally:
