@@ -196,15 +196,11 @@ class Chatforge(System):
         from chatforge.local.batching import Job
 
         self._fresh()
-        batcher = self.generator.batcher
-        eos, batcher.eos_token_ids = batcher.eos_token_ids, set()
-        try:
-            started = time.perf_counter()
-            futures = [batcher.submit(Job(ids, NEW_TOKENS, lambda token: False, reuse_cache=False)) for ids in work.crowd]
-            new_tokens = sum(future.result(timeout=600).new_tokens for future in futures)
-            return new_tokens / (time.perf_counter() - started)
-        finally:
-            batcher.eos_token_ids = eos
+        started = time.perf_counter()
+        futures = [self.generator.batcher.submit(Job(ids, NEW_TOKENS, lambda token: False, reuse_cache=False,
+                                                     ignore_eos=True)) for ids in work.crowd]
+        new_tokens = sum(future.result(timeout=600).new_tokens for future in futures)
+        return new_tokens / (time.perf_counter() - started)
 
     def close(self):
         self.generator.close()

@@ -146,6 +146,20 @@ def test_a_failing_request_fails_alone(gpt2):
     generator.close()
 
 
+def test_a_job_that_ignores_eos_runs_to_its_limit_beside_one_that_stops(gpt2):
+    """A benchmark's job makes exactly max_new_tokens tokens; the reply decoded beside it still ends at EOS."""
+    generator = make_generator(gpt2, max_batch=2, kv_cache=False)
+    batcher = generator.batcher
+    batcher.eos_token_ids = set(range(len(gpt2.tokenizer)))  # every token ends a reply
+    ids = generator.prompts.build([], "hello").input_ids
+    forced, ordinary = Job(ids, 12, lambda token: False, ignore_eos=True), Job(ids, 12, lambda token: False)
+    batcher.submit(forced)
+    batcher.submit(ordinary)
+    assert forced.future.result(30).new_tokens == 12
+    assert ordinary.future.result(30).new_tokens == 1
+    generator.close()
+
+
 def test_stopping_ends_replies_at_their_next_token_and_cancels_queued_ones(gpt2):
     generator = make_generator(gpt2, max_batch=1, kv_cache=False)
     batcher = generator.batcher

@@ -86,6 +86,8 @@ class Job:
     on_token: TokenSink
     reuse_cache: bool = True
     """Take and keep this conversation's cache; one-off instructions neither use nor crowd out the pool."""
+    ignore_eos: bool = False
+    """Run to max_new_tokens even past an end-of-sequence token: benchmarks compare equal amounts of work."""
     future: Future = field(default_factory=Future)
     submitted: float = field(default_factory=time.perf_counter)
     abandoned: bool = False
@@ -251,7 +253,7 @@ class ContinuousBatcher:
         row.new_tokens += 1
         if row.first_token_at is None:
             row.first_token_at = time.perf_counter()
-        if token in self.eos_token_ids:
+        if token in self.eos_token_ids and not row.job.ignore_eos:
             row.done = True
             return
         complete = row.job.on_token(token)
