@@ -57,7 +57,7 @@ def build(model, folder: Path) -> dict[str, Path]:
     graphs = {"MatMulNBits int8": folder / "matmulnbits" / "model.onnx",
               "dynamic everywhere": folder / "dynamic" / "model.onnx",
               "dynamic, down-proj MatMulNBits": folder / "dynamic-but-down" / "model.onnx"}
-    for (name, target), exclude in zip(graphs.items(), (None, [], down)):
+    for target, exclude in zip(graphs.values(), (None, [], down)):
         if target.is_file():
             continue
         source = folded
@@ -70,7 +70,7 @@ def build(model, folder: Path) -> dict[str, Path]:
     return graphs
 
 
-def prefill_ms(sessions: dict, config, threads: int, rounds: int) -> dict[str, float]:
+def prefill_ms(sessions: dict, config, rounds: int) -> dict[str, float]:
     layers, kv_heads, head_dim = onnx_runtime.kv_shape(config)
     length = 302
     feeds = {"input_ids": np.random.default_rng(0).integers(100, 40000, (1, length)),
@@ -121,7 +121,7 @@ def main() -> None:
     graphs = build(model, CACHE / "bench" / "prefill-graphs")
     sessions = {name: onnx_runtime.OnnxCausalLM(path, model.config, model.generation_config, args.threads)
                 for name, path in graphs.items()}
-    times = prefill_ms(sessions, model.config, args.threads, args.rounds)
+    times = prefill_ms(sessions, model.config, args.rounds)
     ids = tokenizer(HELD_OUT_TEXT).input_ids
     with torch.inference_mode():
         reference_logits = model(torch.tensor([ids])).logits[0]
