@@ -13,11 +13,15 @@ faster int8 GEMM. This bench builds both from the embedded SmolLM2, and measures
   logits diff    the largest difference from float32's logits at the prefill's last position
 
 Variants: MatMulNBits alone; dynamic everywhere; dynamic but the MLP down-projections (whose inputs
-carry the largest outliers) kept in MatMulNBits.
+carry the largest outliers) kept in MatMulNBits; dynamic everywhere after SmoothQuant (Xiao et al., 2023:
+each input channel's outliers divided out of the activations and multiplied into the weights, folded into
+the RMSNorm and up-projection weights before which they stand, so the model computes the same function),
+calibrated on this repository's README, with `reduce_range` (7-bit weights: on CPUs without VNNI, AVX2's
+8-bit multiply-add saturates, which on its own raises perplexity more than tenfold).
 
     .venv/bin/python bench/prefill_graphs.py [--threads 1] [--rounds 4] [--split 164]
 
-About 5 minutes (the graphs are built once, under ~/.cache/chatforge/bench/prefill-graphs).
+About 5-10 minutes (the graphs are built once, under ~/.cache/chatforge/bench/prefill-graphs).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import math
 import os
 import sys
 import time
+from copy import deepcopy
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -39,18 +44,71 @@ from chatforge.local import onnx_runtime  # noqa: E402
 from chatforge.local.model_loading import embedded_gguf_file, load_gguf  # noqa: E402
 
 CACHE = Path.home() / ".cache" / "chatforge"
+SMOOTHING = 0.75
+"""SmoothQuant's alpha: how much of each channel's outlier moves into the weights (0.5 measured worse)."""
 
 
-def build(model, folder: Path) -> dict[str, Path]:
-    """The folded float32 graph quantized three ways (made once)."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+def input_maxima(model, texts: list[str], tokenizer) -> dict[str, torch.Tensor]:
+    """Each Linear layer's largest absolute input per channel, over `texts` (SmoothQuant's calibration)."""
+    maxima: dict[str, torch.Tensor] = {}
 
+    def record(name: str):
+        def hook(module, args) -> None:
+            channels = args[0].detach().abs().reshape(-1, args[0].shape[-1]).amax(0)
+            maxima[name] = torch.maximum(maxima[name], channels) if name in maxima else channels
+        return hook
+
+    hooks = [module.register_forward_pre_hook(record(name)) for name, module in model.named_modules()
+             if isinstance(module, torch.nn.Linear)]
+    try:
+        with torch.inference_mode():
+            for text in texts:
+                model(tokenizer(text, return_tensors="pt").input_ids[:, :512])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return maxima
+
+
+def smoothed(model, maxima: dict[str, torch.Tensor], alpha: float):
+    """A copy of a Llama-shaped model with SmoothQuant's per-channel scales folded in: same function."""
+    copy = deepcopy(model)
+
+    def scales(key: str, weights: list[torch.Tensor]) -> torch.Tensor:
+        largest_weight = torch.cat([w.abs() for w in weights]).amax(0).clamp(min=1e-5)
+        return (maxima[key].clamp(min=1e-5).pow(alpha) / largest_weight.pow(1 - alpha)).clamp(min=1e-5)
+
+    with torch.no_grad():
+        for index, layer in enumerate(copy.model.layers):
+            prefix, attention, mlp = f"model.layers.{index}.", layer.self_attn, layer.mlp
+            for norm, linears, key in ((layer.input_layernorm, [attention.q_proj, attention.k_proj,
+                                                                attention.v_proj], "self_attn.q_proj"),
+                                       (layer.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj], "mlp.gate_proj")):
+                scale = scales(prefix + key, [linear.weight for linear in linears])
+                norm.weight.div_(scale)
+                for linear in linears:
+                    linear.weight.mul_(scale)
+            scale = scales(prefix + "mlp.down_proj", [mlp.down_proj.weight])
+            mlp.up_proj.weight.div_(scale[:, None])
+            mlp.down_proj.weight.mul_(scale)
+    return copy
+
+
+def folded_graph(model, folder: Path) -> Path:
     folded = folder / "folded" / "model.onnx"
     if not folded.is_file():
         exported, fused = folder / "exported" / "model.onnx", folder / "fused" / "model.onnx"
         onnx_runtime.export(model, exported)
         onnx_runtime.fuse_norms(exported, fused)
         onnx_runtime.fold_weights(fused, folded)
+    return folded
+
+
+def build(model, tokenizer, folder: Path) -> dict[str, Path]:
+    """The folded float32 graph quantized three ways, and the smoothed one a fourth (made once)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    folded = folded_graph(model, folder)
     layers = model.config.num_hidden_layers
     # The folded graph's weight MatMuls are node_linear, node_linear_1, ...: seven a layer, the down-projection last.
     down = [f"node_linear_{7 * layer + 6}" for layer in range(layers)]
@@ -67,6 +125,18 @@ def build(model, folder: Path) -> dict[str, Path]:
             quantize_dynamic(str(folded), str(source), weight_type=QuantType.QInt8, per_channel=True,
                              nodes_to_exclude=exclude, use_external_data_format=True)
         onnx_runtime.quantize_int8(source, target)  # whatever MatMul is left -> MatMulNBits
+    name = f"dynamic, SmoothQuant {SMOOTHING}"
+    graphs[name] = folder / f"smoothquant-{SMOOTHING}" / "model.onnx"
+    if not graphs[name].is_file():
+        readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+        texts = [readme[start:start + 3000] for start in range(0, min(len(readme), 30000), 3000)]
+        smooth_folded = folded_graph(smoothed(model, input_maxima(model, texts, tokenizer), SMOOTHING),
+                                     folder / f"smoothquant-{SMOOTHING}-float32")
+        dynamic = folder / f"smoothquant-{SMOOTHING}-dynamic" / "model.onnx"
+        dynamic.parent.mkdir(parents=True, exist_ok=True)
+        quantize_dynamic(str(smooth_folded), str(dynamic), weight_type=QuantType.QInt8, per_channel=True,
+                         reduce_range=True, use_external_data_format=True)
+        onnx_runtime.quantize_int8(dynamic, graphs[name])
     return graphs
 
 
@@ -118,7 +188,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     loaded = load_gguf(embedded_gguf_file(), CACHE)
     model, tokenizer = loaded.model, loaded.tokenizer
-    graphs = build(model, CACHE / "bench" / "prefill-graphs")
+    graphs = build(model, tokenizer, CACHE / "bench" / "prefill-graphs")
     sessions = {name: onnx_runtime.OnnxCausalLM(path, model.config, model.generation_config, args.threads)
                 for name, path in graphs.items()}
     times = prefill_ms(sessions, model.config, args.rounds)
